@@ -1,0 +1,232 @@
+"""Frozen configs and named presets for the VQ-VAE, VAR and MVAR.
+
+Every constant here is the official code's (FoundationVision/VAR @ 78b9539, CVL-UESTC/MVAR @
+d0e035a); see ``shared/spec/VAR.md`` and ``MVAR.md``. Presets are looked up by exact name and
+an unknown name raises, listing the valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+PATCH_NUMS_256: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # VAR §0, 680 tokens
+PATCH_NUMS_512: tuple[int, ...] = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)  # VAR-d36-s, 2240 tokens
+
+
+@dataclass(frozen=True)
+class VQVAEConfig:
+    """The multi-scale residual VQ-VAE (``vae_ch160v4096z32.pth`` by default)."""
+
+    vocab_size: int = 4096
+    Cvae: int = 32
+    ch: int = 160
+    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    share_quant_resi: int = 4  # K shared phi convs (VAR §1)
+    quant_resi: float = 0.5  # phi(h) = (1 - q) h + q conv(h)
+    patch_nums: tuple[int, ...] = PATCH_NUMS_256
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def image_size(self) -> int:
+        return self.patch_nums[-1] * self.downsample
+
+
+Arch = Literal["var", "mvar"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One scale-wise AR transformer: VAR (block-causal, KV cache) or MVAR (block-diagonal
+    scales, neighbourhood attention on scales >= ``refine_step``)."""
+
+    name: str
+    arch: Arch
+    depth: int
+    embed_dim: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    attn_l2_norm: bool = True
+    shared_aln: bool = False
+    norm_eps: float = 1e-6
+    drop_path_rate: float = 0.0
+    # MVAR only (MVAR §2): 2-D neighbourhood attention on scales si >= refine_step. With
+    # ``spatial_markov=False`` the model is the ablation's "(b) + scale-Markov prediction".
+    kernel_size: int = 7
+    refine_step: int = 8
+    spatial_markov: bool = True
+    vae: VQVAEConfig = field(default_factory=VQVAEConfig)
+
+    def __post_init__(self) -> None:
+        if self.arch not in ("var", "mvar"):
+            raise ValueError(f"arch must be 'var' or 'mvar', got {self.arch!r}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(
+                f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}"
+            )
+        if self.arch == "mvar" and self.spatial_markov:
+            for si, pn in enumerate(self.patch_nums):
+                if si >= self.refine_step and self.kernel_size > pn:
+                    raise ValueError(
+                        f"neighbourhood kernel {self.kernel_size} is larger than the {pn}x{pn} "
+                        f"token map of scale {si} (refine_step {self.refine_step}); expected "
+                        f"kernel_size <= {pn} or a larger refine_step"
+                    )
+
+    # Geometry, derived from the VQ-VAE so nothing hard-codes 256 px / 680 tokens / 10 scales.
+    @property
+    def patch_nums(self) -> tuple[int, ...]:
+        return self.vae.patch_nums
+
+    @property
+    def vocab_size(self) -> int:
+        return self.vae.vocab_size
+
+    @property
+    def Cvae(self) -> int:
+        return self.vae.Cvae
+
+    @property
+    def num_scales(self) -> int:
+        return len(self.patch_nums)
+
+    @property
+    def seq_len(self) -> int:
+        return sum(pn * pn for pn in self.patch_nums)
+
+    @property
+    def begin_ends(self) -> tuple[tuple[int, int], ...]:
+        out, cur = [], 0
+        for pn in self.patch_nums:
+            out.append((cur, cur + pn * pn))
+            cur += pn * pn
+        return tuple(out)
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    def uses_neighbourhood(self, si: int) -> bool:
+        """Whether scale ``si`` uses 2-D neighbourhood attention (MVAR §2)."""
+        return self.arch == "mvar" and self.spatial_markov and si >= self.refine_step
+
+    def replace(self, **changes: object) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Sampling settings. ``top_k=0`` and ``top_p=0`` mean off (official semantics)."""
+
+    cfg: float = 1.5
+    top_k: int = 900
+    top_p: float = 0.96
+    more_smooth: bool = False  # pictures only, never for FID (VAR §3)
+
+
+def _transformer(name: str, arch: Arch, depth: int, vae: VQVAEConfig, **kw: object) -> ModelConfig:
+    # VAR §2: width 64*depth, heads = depth, drop-path 0.1*depth/24.
+    return ModelConfig(
+        name=name,
+        arch=arch,
+        depth=depth,
+        embed_dim=64 * depth,
+        num_heads=depth,
+        drop_path_rate=0.1 * depth / 24,
+        vae=vae,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+# Tiny geometry of the parity fixture: same patch_nums, a 32-channel VAE, V = 512.
+TINY_VAE = VQVAEConfig(vocab_size=512, ch=32)
+
+
+def _build_presets() -> dict[str, ModelConfig]:
+    paper = VQVAEConfig()
+    presets: dict[str, ModelConfig] = {}
+    for d in (16, 20, 24, 30):
+        presets[f"var-d{d}"] = _transformer(f"var-d{d}", "var", d, paper)
+    for d in (16, 20, 24):
+        presets[f"mvar-d{d}"] = _transformer(f"mvar-d{d}", "mvar", d, paper)
+    # Ablation (b): block-diagonal scales, full attention within every scale.
+    for d in (16, 20, 24):
+        presets[f"mvar-d{d}-scale-markov"] = _transformer(
+            f"mvar-d{d}-scale-markov", "mvar", d, paper, spatial_markov=False
+        )
+    # Tiny CPU presets: the fixture's transformer (depth 2, width 128, 2 heads).
+    for arch in ("var", "mvar"):
+        presets[f"{arch}-tiny"] = ModelConfig(
+            name=f"{arch}-tiny", arch=arch, depth=2, embed_dim=128, num_heads=2, vae=TINY_VAE
+        )
+    presets["mvar-tiny-scale-markov"] = presets["mvar-tiny"].replace(
+        name="mvar-tiny-scale-markov", spatial_markov=False
+    )
+    # A 512 px geometry at toy width, to show nothing hard-codes 256 px.
+    for arch in ("var", "mvar"):
+        presets[f"{arch}-tiny-512"] = ModelConfig(
+            name=f"{arch}-tiny-512",
+            arch=arch,
+            depth=2,
+            embed_dim=64,
+            num_heads=2,
+            vae=VQVAEConfig(vocab_size=512, ch=32, patch_nums=PATCH_NUMS_512),
+        )
+    return presets
+
+
+PRESETS: dict[str, ModelConfig] = _build_presets()
+
+# Sampling settings per released checkpoint (MVAR §5, VAR §3 "FID settings").
+SAMPLING_PRESETS: dict[str, SamplingConfig] = {
+    "var-d16": SamplingConfig(1.5, 900, 0.96),
+    "var-d20": SamplingConfig(1.5, 900, 0.96),
+    "var-d24": SamplingConfig(1.5, 900, 0.96),
+    "var-d30": SamplingConfig(1.5, 900, 0.96),
+    "mvar-d16": SamplingConfig(2.7, 1200, 0.99),  # mvar-d16.pth, trained from scratch
+    "mvar-finetune-d16": SamplingConfig(2.0, 1200, 0.99),
+    "mvar-finetune-d20": SamplingConfig(1.5, 900, 0.96),
+    "mvar-finetune-d24": SamplingConfig(1.4, 900, 0.96),
+}
+
+# Which model preset each released checkpoint name uses.
+CHECKPOINT_PRESETS: dict[str, str] = {
+    "var-d16": "var-d16",
+    "var-d20": "var-d20",
+    "var-d24": "var-d24",
+    "var-d30": "var-d30",
+    "mvar-d16": "mvar-d16",
+    "mvar-finetune-d16": "mvar-d16",
+    "mvar-finetune-d20": "mvar-d20",
+    "mvar-finetune-d24": "mvar-d24",
+}
+
+
+def _unknown(kind: str, name: str, valid: object) -> KeyError:
+    return KeyError(f"unknown {kind} {name!r}; valid names: {', '.join(sorted(valid))}")  # type: ignore[arg-type]
+
+
+def list_presets() -> list[str]:
+    return sorted(PRESETS)
+
+
+def get_preset(name: str) -> ModelConfig:
+    """The model config of an exact preset name (``var-d16``, ``mvar-d24``, ``mvar-tiny``...)."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise _unknown("model preset", name, PRESETS) from None
+
+
+def get_sampling_preset(name: str) -> SamplingConfig:
+    """Official sampling settings of a released checkpoint (``mvar-finetune-d20``...)."""
+    try:
+        return SAMPLING_PRESETS[name]
+    except KeyError:
+        raise _unknown("sampling preset", name, SAMPLING_PRESETS) from None
