@@ -1,0 +1,231 @@
+"""Finding, reading and loading the official checkpoints (and our own).
+
+Formats accepted (VAR.md §2, MVAR.md §4):
+
+* VAR's released ``var_d16.pth`` … ``var_d30.pth``: a plain state dict.
+* MVAR's released ``mvar-d16.pth``, ``mvar-finetune-d16/20/24.pth``: ``{'mvar_wo_ddp': sd}``.
+* training checkpoints: ``{'trainer': {'var_wo_ddp': sd}}`` or ``{'trainer': {'mvar_wo_ddp': sd}}``
+  (also our own trainer's files, which use the same layout).
+* the VQ-VAE ``vae_ch160v4096z32.pth``: a plain state dict.
+
+Every file is read with ``torch.load(weights_only=True)``: a checkpoint is untrusted input.
+Errors name the file, what was wrong and what was expected; a missing file also says where we
+looked and where to download it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mvar.build import build_model, build_vqvae
+from mvar.config import CHECKPOINT_PRESETS, ModelConfig, get_preset
+from mvar.vqvae import VQVAE, load_vqvae_state_dict
+
+logger = logging.getLogger(__name__)
+
+VAR_HUB = "https://huggingface.co/FoundationVision/var/resolve/main/"
+MVAR_HUB = "https://huggingface.co/CVLUESTC/MVAR/resolve/main/"
+#: Where each official file comes from.
+DOWNLOADS: dict[str, str] = {
+    "vae_ch160v4096z32.pth": VAR_HUB + "vae_ch160v4096z32.pth",
+    **{f"var_d{d}.pth": VAR_HUB + f"var_d{d}.pth" for d in (16, 20, 24, 30)},
+    "mvar-d16.pth": MVAR_HUB + "mvar-d16.pth",
+    **{f"mvar-finetune-d{d}.pth": MVAR_HUB + f"mvar-finetune-d{d}.pth" for d in (16, 20, 24)},
+}
+#: Directories searched for a bare file name, after the current directory.
+CHECKPOINT_DIR_ENV = "MVAR_CHECKPOINT_DIR"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that exists but cannot be used."""
+
+
+def checkpoint_dirs() -> list[Path]:
+    dirs = [Path.cwd()]
+    env = os.environ.get(CHECKPOINT_DIR_ENV)
+    if env:
+        dirs += [Path(p) for p in env.split(os.pathsep) if p]
+    dirs += [Path.cwd() / "checkpoints", Path.cwd() / "pretrained"]
+    return dirs
+
+
+def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
+    """The file ``path`` names: as given, or a bare name looked up in :func:`checkpoint_dirs`.
+
+    Raises ``FileNotFoundError`` that says which file, every place looked, and where to get it.
+    """
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p
+    looked = [p.resolve()]
+    if not p.is_absolute() and len(p.parts) == 1:
+        for d in checkpoint_dirs():
+            cand = d / p
+            if cand.is_file():
+                return cand
+            looked.append(cand.resolve())
+    where = DOWNLOADS.get(p.name)
+    hint = (
+        f"download it from {where}"
+        if where
+        else "pass the path of an existing checkpoint (official names: "
+        + ", ".join(sorted(DOWNLOADS))
+        + ")"
+    )
+    raise FileNotFoundError(
+        f"checkpoint file {p.name!r} not found; looked at: "
+        + ", ".join(str(x) for x in dict.fromkeys(looked))
+        + f" (set ${CHECKPOINT_DIR_ENV} to add directories); {hint}"
+    )
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> Any:
+    """``torch.load(weights_only=True)`` of a resolved file, with errors that say why."""
+    p = resolve_checkpoint(path)
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for corrupt files
+        size = p.stat().st_size
+        raise CheckpointError(
+            f"{p} ({size:,} bytes) is not a readable PyTorch checkpoint: the file may be "
+            f"truncated (an interrupted download) or not a torch.save file, or it holds objects "
+            f"that weights_only=True refuses. Expected a state dict saved with torch.save. "
+            f"Underlying error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from e
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()
+    )
+
+
+def extract_transformer_state_dict(obj: Any, source: str) -> dict[str, Tensor]:
+    """The transformer state dict inside any of the accepted layouts (module docstring)."""
+    candidates: list[tuple[str, Any]] = [("<top level>", obj)]
+    if isinstance(obj, Mapping):
+        for key in ("mvar_wo_ddp", "var_wo_ddp"):
+            if key in obj:
+                candidates.append((key, obj[key]))
+        trainer = obj.get("trainer")
+        if isinstance(trainer, Mapping):
+            for key in ("mvar_wo_ddp", "var_wo_ddp"):
+                if key in trainer:
+                    candidates.append((f"trainer.{key}", trainer[key]))
+    for where, cand in reversed(candidates):
+        if _is_state_dict(cand):
+            sd = dict(cand)
+            if sd and all(k.startswith("module.") for k in sd):  # saved from a DDP wrapper
+                sd = {k[len("module."):]: v for k, v in sd.items()}
+            logger.debug("%s: state dict found at %s (%d tensors)", source, where, len(sd))
+            return sd
+    top = sorted(obj.keys())[:20] if isinstance(obj, Mapping) else type(obj).__name__
+    raise CheckpointError(
+        f"{source} holds no transformer state dict: expected a plain state dict, "
+        f"{{'mvar_wo_ddp': …}}, {{'var_wo_ddp': …}} or {{'trainer': {{'mvar_wo_ddp'|'var_wo_ddp': …}}}}; "
+        f"found top-level {top}"
+    )
+
+
+def state_dict_mismatch(
+    module: nn.Module,
+    sd: Mapping[str, Tensor],
+    shape_ok: Callable[[str, tuple[int, ...], tuple[int, ...]], bool] | None = None,
+) -> list[str]:
+    """Human-readable lines for every missing key, unexpected key and shape mismatch
+    (expected vs found) between ``module``'s state dict and ``sd``; empty when they fit."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    mismatched = []
+    for k, want in own.items():
+        if k in sd:
+            w, g = tuple(want.shape), tuple(sd[k].shape)
+            if not (shape_ok(k, w, g) if shape_ok else w == g):
+                mismatched.append(f"{k}: expected {w}, found {g}")
+    lines = []
+    if missing:
+        lines.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
+    if unexpected:
+        lines.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
+    if mismatched:
+        lines.append(f"shape mismatches ({len(mismatched)}): {'; '.join(mismatched)}")
+    return lines
+
+
+def load_transformer_state_dict(
+    model: nn.Module, sd: Mapping[str, Tensor], source: str = "<state dict>"
+) -> None:
+    """Strict load with a complete report. MVAR rebuilds its own attention mask afterwards
+    (any loaded ``attn_bias_for_masking`` values are ignored, MVAR.md §3)."""
+    problems = state_dict_mismatch(model, sd)
+    if problems:
+        name = getattr(getattr(model, "config", None), "name", type(model).__name__)
+        raise CheckpointError(
+            f"transformer weights from {source} do not fit model {name!r}:\n  "
+            + "\n  ".join(problems)
+        )
+    model.load_state_dict(sd, strict=True)
+    logger.info("loaded transformer weights from %s", source)
+
+
+def load_transformer(
+    path: str | os.PathLike[str],
+    cfg: ModelConfig | str,
+    device: torch.device | str = "cpu",
+    na_backend: str | None = None,
+) -> nn.Module:
+    """Build ``cfg`` and load the file at ``path`` into it (any accepted layout)."""
+    p = resolve_checkpoint(path)
+    sd = extract_transformer_state_dict(read_checkpoint(p), str(p))
+    model = build_model(cfg, device="cpu", init=False, na_backend=na_backend)
+    load_transformer_state_dict(model, sd, str(p))
+    return model.to(device).eval()
+
+
+def load_vqvae(
+    path: str | os.PathLike[str], cfg: ModelConfig | str, device: torch.device | str = "cpu"
+) -> VQVAE:
+    """The VQ-VAE of ``cfg``'s geometry with the weights of ``path`` (plain state dict)."""
+    mcfg = get_preset(cfg) if isinstance(cfg, str) else cfg
+    p = resolve_checkpoint(path)
+    obj = read_checkpoint(p)
+    if not _is_state_dict(obj):
+        raise CheckpointError(f"{p} is not a VQ-VAE state dict (expected a flat name -> tensor map)")
+    vae = build_vqvae(mcfg.vae, device="cpu")
+    load_vqvae_state_dict(vae, obj, str(p))
+    return vae.to(device).eval()
+
+
+def load_pretrained(
+    preset: str,
+    ckpt: str | os.PathLike[str] | None = None,
+    vae_ckpt: str | os.PathLike[str] | None = None,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    na_backend: str | None = None,
+) -> tuple[VQVAE, nn.Module]:
+    """(vae, transformer) for a model preset (``mvar-d16``) or a released checkpoint name
+    (``mvar-finetune-d20``). ``None`` paths give random initialisation (seeded) — meant for
+    trying the tiny presets out, never for numbers that claim to be the paper's.
+    """
+    cfg = get_preset(CHECKPOINT_PRESETS.get(preset, preset))
+    torch.manual_seed(seed)
+    if vae_ckpt is None:
+        logger.warning("no VQ-VAE checkpoint given: random-init VQ-VAE for %s", cfg.name)
+        vae = build_vqvae(cfg.vae, device=device).eval()
+    else:
+        vae = load_vqvae(vae_ckpt, cfg, device)
+    if ckpt is None:
+        logger.warning("no transformer checkpoint given: random-init %s", cfg.name)
+        model = build_model(cfg, device=device, na_backend=na_backend).eval()
+    else:
+        model = load_transformer(ckpt, cfg, device, na_backend=na_backend)
+    return vae, model

@@ -1,0 +1,130 @@
+"""MVAR: visual autoregression with scale- and spatial-Markov conditioning
+(Zhang et al., ICLR 2026, arXiv 2505.12742; official code CVL-UESTC/MVAR @ d0e035a).
+
+Same parameters, embeddings, blocks, head and teacher-forcing inputs as VAR
+(``baselines/var.py``); only the attention pattern changes:
+
+1. **Scale-Markov** (MVAR.md §1): block-diagonal attention between scales. Scale s attends only
+   to its own tokens; the previous scales reach it through its *input*, the area-downsampled
+   cumulative f̂. Every scale is therefore an independent forward: no KV cache at inference,
+   and peak memory is set by the largest scale rather than the 680-token history.
+2. **Spatial-Markov** (MVAR.md §2): on scales ``si >= refine_step`` (13×13 and 16×16 at 256 px)
+   the within-scale attention is 2-D neighbourhood attention with NATTEN's shifted window
+   (kernel 7, softmax scale 1 on VAR's cosine q and k). With ``spatial_markov=False`` the model
+   is the ablation's "(b) scale-Markov only".
+
+Training runs chunks of scales (MVAR.md §3): ``forward(..., scales=range(0, 8))`` packs scales
+0..7 with the block-diagonal mask, ``scales=[8]`` and ``[9]`` run alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from mvar.blocks import AttendFn, NeighbourhoodAttention, ScaleARTransformer, scale_ids
+from mvar.config import ModelConfig
+from mvar.sampling import SampleOutput, sample_scales
+
+
+class MVAR(ScaleARTransformer):
+    CFG_ONE_RUNS_UNCONDITIONAL = False  # the official MVAR sampler skips guidance at cfg 1
+
+    def __init__(self, cfg: ModelConfig, na_backend: str | None = None) -> None:
+        if cfg.arch != "mvar":
+            raise ValueError(f"MVAR needs a config with arch='mvar', got {cfg.name!r} ({cfg.arch})")
+        super().__init__(cfg)
+        self.neighbourhood_attention = NeighbourhoodAttention(
+            cfg.kernel_size, self.dense_attention.scale, backend=na_backend
+        )
+
+    def build_attn_bias(self) -> Tensor:
+        # Block-diagonal: a query sees only the keys of its own scale (MVAR.md §1, 110,468
+        # finite entries at 256 px against VAR's 286,434).
+        d = scale_ids(self.patch_nums)
+        bias = torch.where(d.view(-1, 1) == d.view(1, -1), 0.0, -torch.inf)
+        return bias.view(1, 1, self.L, self.L)
+
+    def _attend_scales(self, scales: Sequence[int]) -> AttendFn:
+        """The attention of one chunk: NA on a lone neighbourhood scale, else dense with the
+        block-diagonal mask restricted to the chunk's tokens (no mask for a single scale)."""
+        if len(scales) == 1 and self.config.uses_neighbourhood(scales[0]):
+            pn = self.patch_nums[scales[0]]
+
+            def attend_na(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+                return self.neighbourhood_attention(q, k, v, (pn, pn))
+
+            return attend_na
+        bias: Tensor | None = None
+        if len(scales) > 1:
+            token_idx = torch.cat(
+                [torch.arange(*self.begin_ends[si], device=self.lvl_1L.device) for si in scales]
+            )
+            bias = self.attn_bias_for_masking[:, :, token_idx][:, :, :, token_idx]
+
+        def attend_dense(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            return self.dense_attention(q, k, v, bias)
+
+        return attend_dense
+
+    def chunks(self, scales: Iterable[int]) -> list[list[int]]:
+        """Group scales into independent forwards: consecutive full-attention scales are packed
+        together (block-diagonal mask), each neighbourhood scale runs alone."""
+        out: list[list[int]] = []
+        for si in scales:
+            if not 0 <= si < len(self.patch_nums):
+                raise ValueError(f"scale {si} out of range 0..{len(self.patch_nums) - 1}")
+            if self.config.uses_neighbourhood(si):
+                out.append([si])
+            elif out and not self.config.uses_neighbourhood(out[-1][-1]):
+                out[-1].append(si)
+            else:
+                out.append([si])
+        return out
+
+    def forward(
+        self, label_B: Tensor, x_BLCv: Tensor, scales: Iterable[int] | None = None
+    ) -> Tensor:
+        """Teacher forcing: logits of the tokens of ``scales`` (default: all), concatenated in
+        scale order, shape (B, Σ pn², V).
+
+        ``x_BLCv`` is the full teacher-forcing input (B, L − first_l, Cvae); only the rows of
+        the requested scales are used, since no scale sees another.
+        """
+        scales = sorted(set(range(len(self.patch_nums)) if scales is None else scales))
+        cond_BD = self.class_condition(label_B)
+        logits = []
+        for chunk in self.chunks(scales):
+            x_BlC = self.embed_inputs(cond_BD, x_BLCv, chunk)
+            attend = self._attend_scales(chunk)
+            h_BlC = self.run_blocks(x_BlC, cond_BD, [attend] * len(self.blocks))
+            logits.append(self.get_logits(h_BlC, cond_BD))
+        return torch.cat(logits, dim=1)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        vae: torch.nn.Module,
+        label_B: Tensor,
+        *,
+        cfg: float = 1.5,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        g_seed: int | None = None,
+        more_smooth: bool = False,
+        decode: bool = True,
+        record_logits: bool = False,
+    ) -> SampleOutput:
+        """Sample B images of classes ``label_B``; each scale is one independent forward of its
+        own 2B·pn² tokens (B at cfg 1.0, which means no guidance here, as officially)."""
+
+        def step(si: int, x_BlC: Tensor, cond_BD: Tensor) -> Tensor:
+            attend = self._attend_scales([si])
+            return self.run_blocks(x_BlC, cond_BD, [attend] * len(self.blocks))
+
+        return sample_scales(
+            self, vae, label_B, step, guided=cfg != 1.0, cfg=cfg, top_k=top_k, top_p=top_p,
+            g_seed=g_seed, more_smooth=more_smooth, decode=decode, record_logits=record_logits,
+        )  # fmt: skip

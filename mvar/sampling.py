@@ -1,0 +1,152 @@
+"""Next-scale sampling shared by VAR and MVAR (VAR.md §3, MVAR.md §5).
+
+The loop is the same for both models; what differs is how one scale's hidden states are
+computed (``ScaleStep``: VAR through its KV cache, MVAR as an independent forward) and what
+``cfg == 1.0`` means:
+
+* VAR always runs the conditional and the unconditional half and mixes
+  ``(1 + t)·cond − t·uncond`` with ``t = cfg · si / (S − 1)``: guidance ramps up even at cfg 1.
+* MVAR runs the conditional rows only, with no guidance at all, when ``cfg == 1.0``.
+
+The official samplers behave this way and the parity fixtures encode it, so each model keeps
+its own rule, declared by ``CFG_ONE_RUNS_UNCONDITIONAL`` on the model class and recorded as
+``SampleOutput.guided``.
+
+Random numbers follow the official code exactly, so sampled tokens match token for token on the
+CPU: a generator on the model's device reseeded with ``g_seed`` at the start of each call; per
+scale one ``multinomial(softmax(filtered), 1, replacement=True)`` over the B·pn² rows; with
+``more_smooth`` the Gumbel noise is then drawn from the same generator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+# step(si, x_BlC, cond_BD) -> hidden states h_BlC of scale si (rows = 2B with guidance, else B)
+ScaleStep = Callable[[int, Tensor, Tensor], Tensor]
+
+
+@dataclass
+class SampleOutput:
+    """What one sampling call produced (B images)."""
+
+    idx_Bl: list[Tensor]  # per scale (B, pn*pn) int64
+    fhat: Tensor  # (B, Cvae, N, N) cumulative f̂
+    img01: Tensor | None  # (B, 3, H, W) in [0, 1], or None with decode=False
+    guided: bool  # whether an unconditional half ran and was mixed in
+    guided_logits: list[Tensor] | None = None  # per scale (B, pn*pn, V), before filtering
+    kv_cache_bytes: int = 0  # bytes held by the KV cache at the end (VAR); 0 for MVAR
+    extras: dict[str, object] = field(default_factory=dict)
+
+
+def top_k_top_p_filter_(logits_BlV: Tensor, top_k: int = 0, top_p: float = 0.0) -> Tensor:
+    """Filter logits in place with the official semantics (0 means off for both).
+
+    top-k keeps every logit >= the k-th largest (ties kept); top-p runs after top-k: sort
+    ascending, cumulative softmax, drop entries whose cumulative mass is <= 1 − p, always
+    keeping the largest.
+    """
+    V = logits_BlV.shape[-1]
+    if top_k > 0:
+        kth = logits_BlV.topk(min(top_k, V), dim=-1, largest=True, sorted=False)[0]
+        logits_BlV.masked_fill_(logits_BlV < kth.amin(dim=-1, keepdim=True), -torch.inf)
+    if top_p > 0:
+        sorted_logits, sorted_idx = logits_BlV.sort(dim=-1, descending=False)
+        remove = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
+        remove[..., -1:] = False
+        logits_BlV.masked_fill_(remove.scatter(-1, sorted_idx, remove), -torch.inf)
+    return logits_BlV
+
+
+def gumbel_softmax(logits: Tensor, tau: float, rng: torch.Generator | None) -> Tensor:
+    """Soft Gumbel-softmax with noise from ``rng`` (``more_smooth`` pictures, VAR §3)."""
+    gumbels = -torch.empty_like(logits).exponential_(generator=rng).log()
+    return ((logits + gumbels) / tau).softmax(-1)
+
+
+def make_generator(device: torch.device, g_seed: int | None) -> torch.Generator | None:
+    if g_seed is None:
+        return None
+    rng = torch.Generator(device=device)
+    rng.manual_seed(g_seed)
+    return rng
+
+
+def guidance_weight(cfg: float, si: int, num_scales: int) -> float:
+    """t = cfg · si / (S − 1): 0 at the first scale, cfg at the last (linear ramp)."""
+    return cfg * si / (num_scales - 1) if num_scales > 1 else cfg
+
+
+@torch.no_grad()
+def sample_scales(
+    model: torch.nn.Module,
+    vae: torch.nn.Module,
+    label_B: Tensor,
+    step: ScaleStep,
+    *,
+    guided: bool,
+    cfg: float,
+    top_k: int,
+    top_p: float,
+    g_seed: int | None,
+    more_smooth: bool,
+    decode: bool,
+    record_logits: bool,
+) -> SampleOutput:
+    """The next-scale loop. ``model`` is a ``ScaleARTransformer``; ``vae`` a ``VQVAE``."""
+    B = label_B.shape[0]
+    S = len(model.patch_nums)
+    device = label_B.device
+    rng = make_generator(device, g_seed)
+
+    rows = torch.cat((label_B, torch.full_like(label_B, model.num_classes))) if guided else label_B
+    cond_BD = model.class_emb(rows)
+    lvl_pos = model.lvl_pos()
+    x_BlC = cond_BD.unsqueeze(1).expand(-1, model.first_l, -1) + model.pos_start
+    x_BlC = x_BlC + lvl_pos[:, : model.first_l]
+
+    N = model.patch_nums[-1]
+    fhat = cond_BD.new_zeros(B, model.Cvae, N, N)
+    embedding = vae.quantize.embedding
+    idx_per_scale: list[Tensor] = []
+    logits_per_scale: list[Tensor] = []
+    for si, pn in enumerate(model.patch_nums):
+        ratio = si / (S - 1) if S > 1 else 1.0
+        h_BlC = step(si, x_BlC, cond_BD)
+        logits_BlV = model.get_logits(h_BlC, cond_BD)
+        if guided:
+            t = guidance_weight(cfg, si, S)
+            logits_BlV = (1 + t) * logits_BlV[:B] - t * logits_BlV[B:]
+        if record_logits:
+            logits_per_scale.append(logits_BlV.clone())
+
+        top_k_top_p_filter_(logits_BlV, top_k, top_p)
+        probs = logits_BlV.softmax(dim=-1).view(-1, model.V)
+        idx_Bl = torch.multinomial(probs, 1, replacement=True, generator=rng).view(B, -1)
+        idx_per_scale.append(idx_Bl)
+        if more_smooth:  # pictures only: a soft code mixture, sharper at later scales
+            tau = max(0.27 * (1 - ratio * 0.95), 0.005)
+            h_BlCv = gumbel_softmax(logits_BlV.mul(1 + ratio), tau, rng) @ embedding.weight
+        else:
+            h_BlCv = embedding(idx_Bl)
+        h_BCvpp = h_BlCv.transpose(1, 2).reshape(B, model.Cvae, pn, pn)
+        fhat, next_map = vae.next_ar_input(si, fhat, h_BCvpp)
+        if si + 1 < S:
+            bg, ed = model.begin_ends[si + 1]
+            x_BlC = model.word_embed(next_map.view(B, model.Cvae, -1).transpose(1, 2))
+            x_BlC = x_BlC + lvl_pos[:, bg:ed]
+            if guided:
+                x_BlC = x_BlC.repeat(2, 1, 1)
+
+    img01 = vae.fhat_to_img(fhat).add_(1).mul_(0.5) if decode else None
+    return SampleOutput(
+        idx_Bl=idx_per_scale,
+        fhat=fhat,
+        img01=img01,
+        guided=guided,
+        guided_logits=logits_per_scale if record_logits else None,
+    )
