@@ -240,7 +240,9 @@ class ScaleARTransformer(nn.Module):
             self.shared_ada_lin: nn.Module = nn.Sequential(nn.SiLU(), SharedAdaLin(C, 6 * C))
         else:
             self.shared_ada_lin = nn.Identity()
-        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        # Stochastic depth grows linearly over the blocks (VAR §2); plain floats so that
+        # building on the meta device works.
+        dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(AdaLNSelfAttn(cfg, dpr[i]) for i in range(cfg.depth))
         self.register_buffer("lvl_1L", scale_ids(self.patch_nums).view(1, L))
         self.register_buffer("attn_bias_for_masking", self.build_attn_bias())

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from mvar.build import build_model, build_vqvae
 from mvar.config import CHECKPOINT_PRESETS, ModelConfig, get_preset
+from mvar.statedict import state_dict_mismatch
 from mvar.vqvae import VQVAE, load_vqvae_state_dict
 
 logger = logging.getLogger(__name__)
@@ -132,32 +133,6 @@ def extract_transformer_state_dict(obj: Any, source: str) -> dict[str, Tensor]:
         f"{{'mvar_wo_ddp': …}}, {{'var_wo_ddp': …}} or {{'trainer': {{'mvar_wo_ddp'|'var_wo_ddp': …}}}}; "
         f"found top-level {top}"
     )
-
-
-def state_dict_mismatch(
-    module: nn.Module,
-    sd: Mapping[str, Tensor],
-    shape_ok: Callable[[str, tuple[int, ...], tuple[int, ...]], bool] | None = None,
-) -> list[str]:
-    """Human-readable lines for every missing key, unexpected key and shape mismatch
-    (expected vs found) between ``module``'s state dict and ``sd``; empty when they fit."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    mismatched = []
-    for k, want in own.items():
-        if k in sd:
-            w, g = tuple(want.shape), tuple(sd[k].shape)
-            if not (shape_ok(k, w, g) if shape_ok else w == g):
-                mismatched.append(f"{k}: expected {w}, found {g}")
-    lines = []
-    if missing:
-        lines.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
-    if unexpected:
-        lines.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
-    if mismatched:
-        lines.append(f"shape mismatches ({len(mismatched)}): {'; '.join(mismatched)}")
-    return lines
 
 
 def load_transformer_state_dict(
