@@ -1,0 +1,70 @@
+"""Sessions: ``nox -s tests`` (default), one ``repro_*`` session per paper table/figure,
+``bench`` for the kernel and model-step benchmarks, ``lint``.
+
+Every session installs the project with its ``dev`` extra into its own virtualenv, reused on
+later runs (torch is large). Arguments after ``--`` go to the underlying command.
+"""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["tests"]
+nox.options.reuse_venv = "yes"
+nox.options.error_on_missing_interpreters = True
+
+
+def _install(session: nox.Session) -> None:
+    session.install("-e", ".[dev]")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The whole test suite on CPU (the CUDA kernel runs under numba's simulator)."""
+    _install(session)
+    # Exit code 5 (no test collected) is a failure here, not a pass.
+    session.run("python", "-m", "pytest", "-q", *session.posargs)
+
+
+@nox.session
+def repro_table1(session: nox.Session) -> None:
+    """Table 1 (FID / IS / precision / recall). Default: the embedded CPU run (tiny VAR and
+    MVAR trained on generated data, a few minutes); ``-- --paper`` with checkpoints, Inception
+    weights and the ADM reference batch for the real numbers."""
+    _install(session)
+    session.run("python", "-m", "repro.table1", *(session.posargs or ["--embedded"]))
+
+
+@nox.session
+def repro_table2(session: nox.Session) -> None:
+    """Table 2 compute columns: FLOPs, KV cache, memory, latency, training step."""
+    _install(session)
+    session.run("python", "-m", "repro.table2", "--out", "reports", *session.posargs)
+
+
+@nox.session
+def repro_ablation(session: nox.Session) -> None:
+    """The ablation: VAR, + scale-Markov, + spatial-Markov (MVAR), d16."""
+    _install(session)
+    session.run("python", "-m", "repro.ablation", "--out", "reports", *session.posargs)
+
+
+@nox.session
+def repro_figures(session: nox.Session) -> None:
+    """Figures drawn from the report CSVs, plus a sample grid and a per-scale progression."""
+    _install(session)
+    session.run("python", "-m", "repro.figures", "--out", "reports", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """pytest-benchmark suites; JSON and long-format CSV land in reports/bench/."""
+    _install(session)
+    session.run("python", "-m", "pytest", "bench", "--benchmark-json", "reports/bench/bench.json",
+                *session.posargs)  # fmt: skip
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", "mvar", "baselines", "repro", "bench", "tests")
