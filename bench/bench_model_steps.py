@@ -1,0 +1,80 @@
+"""Model-step benchmarks: VAR vs MVAR side by side in one run, at a CPU-sized preset.
+
+    pytest bench/bench_model_steps.py --benchmark-json reports/bench/model_steps.json
+    python -m bench.to_csv reports/bench/model_steps.json reports/bench/model_steps.csv
+
+Workloads (``benchmark.extra_info`` holds every parameter):
+
+* ``sample``: one full next-scale sampling call (tokens only, no VQ-VAE decode), CFG 1.5.
+  VAR carries its KV cache across scales; MVAR runs each scale alone (MVAR.md §1).
+* ``train_step``: forward + backward + AdamW step. VAR trains the whole pyramid at once; MVAR
+  trains one chunk per iteration (MVAR.md §3), so its row is the mean over the three chunks.
+
+The presets are tiny (depth 2, width 128) so this finishes in a minute on two cores; paper-size
+timings need a GPU (``nox -s repro_table2`` on a GPU machine measures them).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mvar.build import build_model, build_vqvae
+from mvar.config import get_preset
+from mvar.train import token_loss
+
+torch.set_num_threads(max(torch.get_num_threads(), 1))
+BATCH = 8
+
+
+@pytest.fixture(scope="module")
+def vae() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_vqvae(get_preset("var-tiny").vae).eval()
+
+
+def _tokens(vae: torch.nn.Module, B: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(vae.cfg.vocab_size, (B, pn * pn), generator=g) for pn in vae.cfg.patch_nums]
+
+
+def _info(benchmark, preset: str, workload: str) -> None:  # noqa: ANN001
+    benchmark.group = workload
+    benchmark.extra_info.update(
+        model=preset, workload=workload, batch=BATCH, threads=torch.get_num_threads(), dtype="float32"
+    )
+
+
+@pytest.mark.parametrize("preset", ["var-tiny", "mvar-tiny"])
+def test_sample(benchmark, vae: torch.nn.Module, preset: str) -> None:  # noqa: ANN001
+    torch.manual_seed(0)
+    model = build_model(preset).eval()
+    label = torch.arange(BATCH)
+    _info(benchmark, preset, "sample")
+
+    def run() -> None:
+        model.sample(vae, label, cfg=1.5, top_k=100, top_p=0.9, g_seed=0, decode=False)
+
+    benchmark.pedantic(run, rounds=5, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("preset", ["var-tiny", "mvar-tiny"])
+def test_train_step(benchmark, vae: torch.nn.Module, preset: str) -> None:  # noqa: ANN001
+    torch.manual_seed(0)
+    model = build_model(preset).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    idx_Bl, label = _tokens(vae, BATCH), torch.arange(BATCH)
+    chunks = model.chunks(range(len(model.patch_nums))) if preset.startswith("mvar") else [None]
+    state = {"i": 0}
+    _info(benchmark, preset, "train_step")
+    benchmark.extra_info["chunks"] = str(chunks)
+
+    def run() -> None:
+        chunk = chunks[state["i"] % len(chunks)]
+        state["i"] += 1
+        loss = token_loss(model, vae, idx_Bl, label, chunk)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    benchmark.pedantic(run, rounds=3 * len(chunks) * 2, warmup_rounds=len(chunks))
