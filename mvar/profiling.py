@@ -512,31 +512,6 @@ def time_call(
 FAKE_NA_BACKEND = "dense"
 
 
-@contextmanager
-def _fake_scope(fake_mode: Any) -> Iterator[None]:
-    """Enter ``fake_mode``; keep fake tensors out of process-wide caches.
-
-    The dense NA backend caches its mask per (grid, kernel, device) with ``lru_cache``; a mask
-    built under ``FakeTensorMode`` is a fake tensor and must not be served to a later real (or
-    another fake-mode) call, so the cache is emptied before and after.
-    """
-
-    def clear() -> None:
-        import sys
-
-        dense = sys.modules.get("mvar.attention.dense")
-        mask_fn = getattr(dense, "neighborhood_mask", None)
-        if mask_fn is not None and hasattr(mask_fn, "cache_clear"):
-            mask_fn.cache_clear()
-
-    clear()
-    try:
-        with fake_mode:
-            yield
-    finally:
-        clear()
-
-
 @dataclass
 class FakeModels:
     """A transformer and VQ-VAE whose tensors are fake (``FakeTensorMode``, device cpu);
@@ -547,7 +522,7 @@ class FakeModels:
     vae: nn.Module
 
     def scope(self) -> Any:
-        return _fake_scope(self.fake_mode)
+        return self.fake_mode
 
 
 def build_fake(

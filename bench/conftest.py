@@ -1,0 +1,91 @@
+"""pytest configuration shared by the benchmarks in ``bench/``.
+
+- ``pytest bench`` collects the ``bench_*.py`` files (pytest's default file pattern is
+  ``test_*.py``; a file named on the command line is collected either way).
+- The ``record_skip`` fixture skips a benchmark *and* keeps a row for it: the parameters and
+  the status (``skipped: <reason>`` or ``oom``) go into the pytest-benchmark JSON under
+  ``"skipped"``, so ``bench/to_csv.py`` writes a CSV row for every cell of the grid, measured
+  or not (TorchBench's habit: a missing number says why it is missing).
+- Every JSON gets the environment in ``machine_info``: torch version, git SHA, thread counts.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+_SKIPS = pytest.StashKey[list]()
+_REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Module | None:
+    if (
+        file_path.suffix == ".py"
+        and file_path.name.startswith("bench_")
+        and not parent.session.isinitpath(file_path)  # named explicitly: collected already
+    ):
+        return pytest.Module.from_parent(parent, path=file_path)
+    return None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[_SKIPS] = []
+
+
+def git_sha() -> str:
+    """HEAD's SHA (with ``-dirty`` when the tree has changes), or ``unknown``."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=_REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=_REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (sha or "unknown") + ("-dirty" if dirty else "")
+
+
+@pytest.fixture
+def record_skip(request: pytest.FixtureRequest) -> Callable[..., None]:
+    """``record_skip(info, reason, status=None)``: keep a row for this cell, then skip it."""
+
+    def _record(info: dict[str, Any], reason: str, status: str | None = None) -> None:
+        row = dict(info)
+        row["status"] = status or f"skipped: {reason}"
+        row["test"] = request.node.nodeid
+        request.config.stash[_SKIPS].append(row)
+        pytest.skip(reason)
+
+    return _record
+
+
+def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
+    import torch
+
+    machine_info["torch"] = torch.__version__
+    machine_info["git_sha"] = git_sha()
+    machine_info["torch_threads"] = torch.get_num_threads()
+    machine_info["cuda_device"] = (
+        torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    )
+
+
+def pytest_benchmark_update_json(
+    config: pytest.Config, benchmarks: list, output_json: dict
+) -> None:
+    output_json["skipped"] = list(config.stash.get(_SKIPS, []))

@@ -1,0 +1,106 @@
+"""pytest-benchmark JSON -> long-format CSV (one row per benchmark, plots are drawn from these).
+
+    python -m bench.to_csv reports/bench/na2d.json reports/bench/na2d.csv
+
+Each row holds the benchmark's ``extra_info`` (its parameters), ``median_s`` (and ``min_s``,
+``rounds``), a ``status``
+(``ok``, ``oom`` or ``skipped: <reason>``; the skipped cells come from the JSON's ``"skipped"``
+list that ``bench/conftest.py`` writes) and the environment (``device``, ``torch``,
+``git_sha``). Rows that carry a ``backend`` also get ``ratio_vs_dense``: the median of the
+``dense`` row with the same parameters divided by this row's median (> 1: faster than dense;
+empty when either is missing).
+
+Column order: the neighbourhood-attention columns first (``backend, workload, B, heads, H, W,
+D, k, pass, median_s, ratio_vs_dense, status, device, torch, git_sha``) where present, then any
+other parameter in alphabetical order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+LEADING_COLUMNS = (
+    "backend", "workload", "B", "heads", "H", "W", "D", "k", "pass",
+    "median_s", "ratio_vs_dense", "status", "device", "torch", "git_sha",
+)  # fmt: skip
+# Columns that differ between backends of one comparison, so they are not part of its key.
+_NOT_KEY = {"backend", "median_s", "min_s", "rounds", "ratio_vs_dense", "status", "test", "flops"}
+
+
+def rows_from_benchmark_json(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The long-format rows of one pytest-benchmark JSON document (see the module docstring)."""
+    machine = data.get("machine_info", {})
+    commit = data.get("commit_info", {})
+    env = {
+        "torch": machine.get("torch", ""),
+        "git_sha": machine.get("git_sha")
+        or (commit.get("id", "") + ("-dirty" if commit.get("dirty") else "")),
+        "device": machine.get("cuda_device") or "cpu",
+    }
+    rows: list[dict[str, Any]] = []
+    for bench in data.get("benchmarks", []):
+        row = {**env, **bench.get("extra_info", {})}
+        row["median_s"] = bench["stats"]["median"]
+        row["min_s"] = bench["stats"].get("min", "")  # the floor, telling on a loaded machine
+        row["rounds"] = bench["stats"].get("rounds", "")
+        row["status"] = "ok"
+        row["test"] = bench.get("fullname", bench.get("name", ""))
+        rows.append(row)
+    for skipped in data.get("skipped", []):
+        rows.append({**env, **skipped, "median_s": ""})
+    _add_ratio_vs_dense(rows)
+    return rows
+
+
+def _add_ratio_vs_dense(rows: list[dict[str, Any]]) -> None:
+    def key(row: dict[str, Any]) -> tuple:
+        return tuple(sorted((k, str(v)) for k, v in row.items() if k not in _NOT_KEY))
+
+    dense = {
+        key(r): r["median_s"]
+        for r in rows
+        if r.get("backend") == "dense" and r.get("status") == "ok"
+    }
+    for row in rows:
+        if "backend" not in row:
+            continue
+        base = dense.get(key(row))
+        ok = row.get("status") == "ok" and base and row["median_s"]
+        row["ratio_vs_dense"] = round(base / row["median_s"], 4) if ok else ""
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    present = {k for row in rows for k in row}
+    columns = [c for c in LEADING_COLUMNS if c in present]
+    columns += sorted(present - set(columns))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({c: row.get(c, "") for c in columns})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("json", type=Path, help="pytest-benchmark --benchmark-json output")
+    parser.add_argument("csv", type=Path, help="long-format CSV to write")
+    args = parser.parse_args(argv)
+    rows = rows_from_benchmark_json(json.loads(args.json.read_text()))
+    if not rows:
+        raise SystemExit(f"{args.json}: no benchmarks and no skipped cells; nothing to write")
+    write_csv(rows, args.csv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logger.info("wrote %d rows to %s", len(rows), args.csv)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
