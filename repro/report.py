@@ -29,15 +29,13 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import os
-import platform
-import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 
+from mvar.env import device_name, git_sha
 from repro import paper
 
 log = logging.getLogger(__name__)
@@ -69,49 +67,6 @@ class Environment:
     dtype: str
     torch: str
     git_sha: str
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-            else:
-                name = platform.processor() or platform.machine()
-    except OSError:
-        name = platform.processor() or platform.machine()
-    return f"cpu: {name} ({os.cpu_count()} cores)"
-
-
-def device_name(device: torch.device | str | None = None) -> str:
-    """A human-readable device name (``cuda: NVIDIA RTX 4090`` / ``cpu: <model> (N cores)``)."""
-    device = torch.device(device if device is not None else "cpu")
-    if device.type == "cuda":
-        return f"cuda: {torch.cuda.get_device_name(device)}"
-    if device.type == "cpu":
-        return _cpu_name()
-    return device.type
-
-
-def git_sha(repo: str | Path | None = None) -> str:
-    """``git rev-parse HEAD`` of the checkout (read-only); ``$GIT_SHA`` or "unknown" without git."""
-    repo = Path(repo) if repo is not None else Path(__file__).resolve().parents[1]
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=repo,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return os.environ.get("GIT_SHA", "unknown")
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -1,0 +1,474 @@
+"""Sample the FID set: N images per class into a PNG folder, then pack an ADM-style npz.
+
+Protocol (EVALUATION.md, MVAR.md §5), as code:
+
+- Labels are class-ordered: ``labels = [c0]*per_class + [c1]*per_class + ...``. They are cut
+  into one *global* list of batches, batch ``b`` = ``labels[b*bs:(b+1)*bs]``, sampled with
+  ``g_seed = seed + b`` (``seed_mode="per-batch"``, default) or ``g_seed = seed`` for every
+  batch (``"fixed"``, the official MVAR evaluation). Because a batch's content and seed do not
+  depend on who samples it, the images do not depend on the number of processes.
+- Under ``torchrun``, rank r samples the batches b with b % world_size == r.
+- Image i is ``{i:06d}.png`` (lossless). Each PNG is written to a temporary name and renamed,
+  so a file that exists is complete; a batch whose PNGs all exist is skipped, so an
+  interrupted run is resumed by running the same command again and ends with the same files.
+- The folder name encodes every setting that changes pixels (model, checkpoint stem, cfg,
+  top_k, top_p, more_smooth, seed and seed mode, classes, per class, batch size, uint8
+  conversion, dtype); ``settings.json`` inside records them, and a folder whose
+  ``settings.json`` disagrees is refused.
+- float -> uint8: ``round`` = floor(x*255 + 0.5) (default), ``truncate`` = floor(x*255) (the
+  official MVAR code: ``mul(255)`` then a uint8 cast). Both clamp to [0, 255].
+
+CLI (one process, or ``torchrun --nproc_per_node G -m mvar.generate ...``)::
+
+    python -m mvar.generate --model var-d16 --ckpt var_d16.pth --vae-ckpt vae_ch160v4096z32.pth \\
+        --out-dir outputs/samples --npz
+    python -m mvar.generate --model mvar-tiny --per-class 2 --num-classes 4   # random-init demo
+
+``--model`` takes a model preset (``mvar-tiny``) or a released checkpoint name
+(``mvar-finetune-d20``), which also selects the official sampling settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from mvar import dist
+from mvar.config import CHECKPOINT_PRESETS, SAMPLING_PRESETS, SamplingConfig
+from mvar.io import atomic_path, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+Uint8Mode = Literal["round", "truncate"]
+SeedMode = Literal["per-batch", "fixed"]
+SETTINGS_FILE = "settings.json"
+PNG_RE = re.compile(r"^(\d{6,})\.png$")
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+class Sampler(Protocol):
+    """Anything that turns a batch of class labels and a seed into images in [0, 1]."""
+
+    def sample(self, label_B: torch.Tensor, g_seed: int) -> torch.Tensor:
+        """(B,) int64 labels -> (B, 3, H, W) float in [0, 1]; deterministic given g_seed."""
+        ...
+
+
+# --------------------------------------------------------------------------------------------
+# Settings: the global batch partition and the folder name
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    model: str  # preset or released-checkpoint name
+    checkpoint: str  # checkpoint file stem; "random-init" without one
+    cfg: float
+    top_k: int
+    top_p: float
+    more_smooth: bool = False
+    seed: int = 0
+    seed_mode: SeedMode = "per-batch"
+    per_class: int = 50
+    classes: tuple[int, ...] = tuple(range(1000))
+    batch_size: int = 25
+    uint8: Uint8Mode = "round"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.per_class < 1 or self.batch_size < 1 or not self.classes:
+            raise ValueError(
+                f"need per_class >= 1, batch_size >= 1 and at least one class; got "
+                f"{self.per_class}, {self.batch_size}, {len(self.classes)} classes"
+            )
+        if self.uint8 not in ("round", "truncate"):
+            raise ValueError(f"uint8 must be 'round' or 'truncate', got {self.uint8!r}")
+        if self.seed_mode not in ("per-batch", "fixed"):
+            raise ValueError(f"seed_mode must be 'per-batch' or 'fixed', got {self.seed_mode!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        object.__setattr__(self, "classes", tuple(int(c) for c in self.classes))
+
+    @property
+    def num_images(self) -> int:
+        return self.per_class * len(self.classes)
+
+    @property
+    def num_batches(self) -> int:
+        return -(-self.num_images // self.batch_size)
+
+    def labels(self) -> np.ndarray:
+        """The class-ordered label of every image index."""
+        return np.repeat(np.asarray(self.classes, dtype=np.int64), self.per_class)
+
+    def batch_range(self, b: int) -> range:
+        return range(b * self.batch_size, min((b + 1) * self.batch_size, self.num_images))
+
+    def g_seed(self, b: int) -> int:
+        return self.seed + b if self.seed_mode == "per-batch" else self.seed
+
+    def _classes_tag(self) -> str:
+        if self.classes == tuple(range(len(self.classes))):
+            return f"cls{len(self.classes)}"
+        digest = hashlib.sha256(",".join(map(str, self.classes)).encode()).hexdigest()[:8]
+        return f"cls{len(self.classes)}-{digest}"
+
+    def folder_name(self) -> str:
+        seed = f"seed{self.seed}" + ("fixed" if self.seed_mode == "fixed" else "")
+        parts = [
+            self.model,
+            self.checkpoint,
+            f"cfg{self.cfg:g}",
+            f"topk{self.top_k}",
+            f"topp{self.top_p:g}",
+            f"smooth{int(self.more_smooth)}",
+            seed,
+            f"pc{self.per_class}",
+            self._classes_tag(),
+            f"bs{self.batch_size}",
+            self.uint8,
+            self.dtype,
+        ]
+        return "_".join(re.sub(r"[^A-Za-z0-9.+-]", "-", p) for p in parts)
+
+    def to_json(self) -> dict[str, object]:
+        d = dataclasses.asdict(self)
+        d["classes"] = list(self.classes)
+        d["num_images"] = self.num_images
+        d["labels"] = "class-ordered: image i has class classes[i // per_class]"
+        d["g_seed"] = "seed + batch index" if self.seed_mode == "per-batch" else "seed"
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, object]) -> GenerationSettings:
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        kw["classes"] = tuple(kw["classes"])  # type: ignore[arg-type]
+        return cls(**kw)  # type: ignore[arg-type]
+
+
+def png_name(i: int) -> str:
+    return f"{i:06d}.png"
+
+
+def to_uint8(img01_B3HW: torch.Tensor, mode: Uint8Mode = "round") -> np.ndarray:
+    """(B, 3, H, W) in [0, 1] -> (B, H, W, 3) uint8 (see the module docstring for the modes)."""
+    x = img01_B3HW.detach().float().mul(255.0)
+    if mode == "round":
+        x = x.add_(0.5)
+    elif mode != "truncate":
+        raise ValueError(f"uint8 mode must be 'round' or 'truncate', got {mode!r}")
+    # The uint8 cast truncates toward zero, i.e. floors the clamped non-negative values.
+    return x.clamp_(0.0, 255.0).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _prepare_folder(folder: Path, settings: GenerationSettings) -> None:
+    """Create the folder with settings.json, or check an existing one holds the same settings."""
+    want = settings.to_json()
+    path = folder / SETTINGS_FILE
+    if dist.is_main():
+        folder.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            have = json.loads(path.read_text())
+            diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+            if diff:
+                raise ValueError(
+                    f"{folder} already holds samples made with other settings (differs in "
+                    f"{diff}); use another --out-dir or delete the folder"
+                )
+        else:
+            atomic_write_json(path, want)
+        # Leftovers of an interrupted write; safe to remove before any rank starts writing.
+        for stale in folder.glob(".*.tmp"):
+            stale.unlink()
+    dist.barrier()
+
+
+# --------------------------------------------------------------------------------------------
+# Generation
+# --------------------------------------------------------------------------------------------
+
+
+def generate_samples(
+    sampler: Sampler,
+    settings: GenerationSettings,
+    out_dir: str | os.PathLike[str],
+    *,
+    max_batches: int | None = None,
+    device: torch.device | str = "cpu",
+) -> Path:
+    """Sample every image of ``settings`` into ``out_dir/<settings.folder_name()>``; returns it.
+
+    Runs on all ranks of an initialised process group (each takes b % world == rank), or
+    alone. ``max_batches`` stops this process after sampling that many batches (skipped,
+    already complete batches do not count) — an interruption on purpose, for tests.
+    """
+    folder = Path(out_dir) / settings.folder_name()
+    _prepare_folder(folder, settings)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    labels = settings.labels()
+    mine = list(range(rank, settings.num_batches, world))
+    todo = [
+        b for b in mine
+        if not all((folder / png_name(i)).is_file() for i in settings.batch_range(b))
+    ]  # fmt: skip
+    log.info(
+        "rank %d/%d: %d of its %d batches to sample into %s (%d images in total)",
+        rank, world, len(todo), len(mine), folder, settings.num_images,
+    )  # fmt: skip
+    if max_batches is not None and len(todo) > max_batches:
+        log.info(
+            "rank %d: sampling only %d of %d batches (max_batches)", rank, max_batches, len(todo)
+        )
+        todo = todo[:max_batches]
+    for b in tqdm(
+        todo, desc=f"sampling (rank {rank})", unit="batch", disable=None if rank == 0 else True
+    ):
+        idx = settings.batch_range(b)
+        label_B = torch.from_numpy(labels[idx.start : idx.stop]).to(device)
+        img01 = sampler.sample(label_B, settings.g_seed(b))
+        if img01.shape[0] != len(idx) or img01.ndim != 4 or img01.shape[1] != 3:
+            raise ValueError(
+                f"sampler returned {tuple(img01.shape)} for a batch of {len(idx)}; expected "
+                f"({len(idx)}, 3, H, W)"
+            )
+        for i, img in zip(idx, to_uint8(img01, settings.uint8)):
+            # A PNG that exists is complete (resume relies on it): write, then rename.
+            with atomic_path(folder / png_name(i)) as tmp:
+                Image.fromarray(img).save(tmp, format="PNG")
+    dist.barrier()
+    return folder
+
+
+def list_pngs(folder: str | os.PathLike[str]) -> list[Path]:
+    """Sample PNGs of a folder in index order (temporary files ignored)."""
+    found = sorted(
+        (int(m.group(1)), p) for p in Path(folder).iterdir() if (m := PNG_RE.match(p.name))
+    )
+    return [p for _, p in found]
+
+
+def pack_npz(
+    folder: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
+    expected: int | None = None,
+) -> Path:
+    """Pack ``000000.png`` ... into an ADM-style npz ``arr_0`` uint8 (N, H, W, 3), index order.
+
+    N comes from ``settings.json`` (or ``expected``); every index must be present and every
+    image must have the shape of the first. The array is assembled in a memory-mapped
+    temporary .npy (50k x 256 x 256 x 3 is 9.8 GB) and the npz is written atomically.
+    Default ``out``: ``<folder>.npz`` beside the folder.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"sample folder {folder} does not exist")
+    if expected is None:
+        settings_path = folder / SETTINGS_FILE
+        if not settings_path.is_file():
+            raise FileNotFoundError(
+                f"{settings_path} not found: pass expected=N for a folder not made by mvar.generate"
+            )
+        expected = int(json.loads(settings_path.read_text())["num_images"])
+    files = list_pngs(folder)
+    names = {p.name for p in files}
+    missing = [png_name(i) for i in range(expected) if png_name(i) not in names]
+    if missing:
+        raise ValueError(
+            f"{folder}: {len(missing)} of {expected} images missing (first: {missing[:5]}); "
+            "run the generation again to finish it"
+        )
+    extra = len(files) - expected
+    if extra:
+        raise ValueError(f"{folder}: {extra} PNGs beyond the expected {expected}")
+    out = Path(out) if out is not None else folder.with_name(folder.name + ".npz")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    first = np.asarray(Image.open(files[0]))
+    if first.dtype != np.uint8 or first.ndim != 3 or first.shape[2] != 3:
+        raise ValueError(
+            f"{files[0]}: expected an RGB uint8 image, got {first.dtype} {first.shape}"
+        )
+    tmp_npy = out.with_name(f".{out.name}.arr_0.tmp.npy")
+    arr = np.lib.format.open_memmap(
+        tmp_npy, mode="w+", dtype=np.uint8, shape=(expected, *first.shape)
+    )
+    try:
+        for i, p in enumerate(tqdm(files, desc="packing npz", unit="img", disable=None)):
+            img = np.asarray(Image.open(p))
+            if img.shape != first.shape or img.dtype != np.uint8:
+                raise ValueError(
+                    f"{p}: shape {img.shape} {img.dtype} differs from {files[0].name}'s {first.shape}"
+                )
+            arr[i] = img
+        arr.flush()
+        with atomic_path(out) as tmp, tmp.open("wb") as f:  # a file object: no ".npz" added
+            np.savez(f, arr_0=arr)
+    finally:
+        del arr
+        tmp_npy.unlink(missing_ok=True)
+    log.info("packed %d images %s into %s", expected, first.shape, out)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The real models
+# --------------------------------------------------------------------------------------------
+
+
+class ModelSampler:
+    """Adapter from a VAR / MVAR (``model.sample(vae, label_B, ...)``) to :class:`Sampler`."""
+
+    def __init__(
+        self,
+        vae: torch.nn.Module,
+        model: torch.nn.Module,
+        sampling: SamplingConfig,
+        dtype: str = "float32",
+    ) -> None:
+        self.vae, self.model, self.sampling = vae, model, sampling
+        self.dtype = DTYPES[dtype]
+
+    def sample(self, label_B: torch.Tensor, g_seed: int) -> torch.Tensor:
+        s = self.sampling
+        device_type = label_B.device.type
+        with (
+            torch.inference_mode(),
+            torch.autocast(device_type, dtype=self.dtype, enabled=self.dtype != torch.float32),
+        ):
+            out = self.model.sample(
+                self.vae, label_B, cfg=s.cfg, top_k=s.top_k, top_p=s.top_p, g_seed=g_seed,
+                more_smooth=s.more_smooth,
+            )  # fmt: skip
+        return out.img01.float()
+
+
+def sampling_for(model: str, cfg: float | None, top_k: int | None, top_p: float | None,
+                 more_smooth: bool = False) -> SamplingConfig:  # fmt: skip
+    """Official settings for a released checkpoint name, else VAR's FID defaults (VAR §3);
+    explicit values override either."""
+    base = SAMPLING_PRESETS.get(model, SamplingConfig())
+    return SamplingConfig(
+        cfg=base.cfg if cfg is None else cfg,
+        top_k=base.top_k if top_k is None else top_k,
+        top_p=base.top_p if top_p is None else top_p,
+        more_smooth=more_smooth,
+    )
+
+
+def build_sampler(
+    model: str,
+    ckpt: str | os.PathLike[str] | None,
+    vae_ckpt: str | os.PathLike[str] | None,
+    sampling: SamplingConfig,
+    device: torch.device | str = "cpu",
+    dtype: str = "float32",
+    init_seed: int = 0,
+) -> ModelSampler:
+    """Load (or random-initialise with ``init_seed``, without ``ckpt``) a model and wrap it as
+    a Sampler. The init seed is fixed, not the sampling seed, so that "random-init" in a folder
+    name always means the same weights.
+
+    A missing checkpoint file raises FileNotFoundError naming it, where it was looked for and
+    where to download it (``mvar.checkpoint.resolve_checkpoint``).
+    """
+    from mvar.checkpoint import load_pretrained, resolve_checkpoint
+
+    # Resolve both files before building anything, so a typo fails in a second.
+    ckpt = resolve_checkpoint(ckpt) if ckpt is not None else None
+    vae_ckpt = resolve_checkpoint(vae_ckpt) if vae_ckpt is not None else None
+    vae, net = load_pretrained(model, ckpt, vae_ckpt, device=device, seed=init_seed)
+    return ModelSampler(vae.eval(), net.eval(), sampling, dtype)
+
+
+def _parse_classes(text: str | None, num_classes: int) -> tuple[int, ...]:
+    if not text:
+        return tuple(range(num_classes))
+    return tuple(int(c) for c in text.split(","))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mvar.generate", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="model preset or released checkpoint name")
+    p.add_argument("--ckpt", help="transformer checkpoint (omit: random init, for trying out)")
+    p.add_argument("--vae-ckpt", help="VQ-VAE checkpoint (omit: random init)")
+    p.add_argument("--out-dir", default="outputs/samples", help="parent of the sample folder")
+    p.add_argument("--cfg", type=float, help="guidance (default: the checkpoint's official)")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--more-smooth", action="store_true", help="pictures only, never for FID")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed-mode", choices=("per-batch", "fixed"), default="per-batch")
+    p.add_argument("--per-class", type=int, default=50)
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--classes", help="comma-separated class ids (default: 0..num_classes-1)")
+    p.add_argument("--batch-size", type=int, default=25)
+    p.add_argument("--uint8", choices=("round", "truncate"), default="round")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--device", help="default: this rank's GPU, else cpu")
+    p.add_argument("--max-batches", type=int, help="stop after this many batches per process")
+    p.add_argument(
+        "--npz", nargs="?", const="", help="pack an npz when done (default: <folder>.npz)"
+    )
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    dist.init_from_env()
+    try:
+        device = torch.device(args.device) if args.device else dist.default_device()
+        sampling = sampling_for(args.model, args.cfg, args.top_k, args.top_p, args.more_smooth)
+        settings = GenerationSettings(
+            model=args.model,
+            checkpoint=Path(args.ckpt).stem if args.ckpt else "random-init",
+            cfg=sampling.cfg,
+            top_k=sampling.top_k,
+            top_p=sampling.top_p,
+            more_smooth=sampling.more_smooth,
+            seed=args.seed,
+            seed_mode=args.seed_mode,
+            per_class=args.per_class,
+            classes=_parse_classes(args.classes, args.num_classes),
+            batch_size=args.batch_size,
+            uint8=args.uint8,
+            dtype=args.dtype,
+        )
+        if args.model not in CHECKPOINT_PRESETS and args.ckpt:
+            log.info("%s is not a released checkpoint name: sampling %s", args.model, sampling)
+        sampler = build_sampler(args.model, args.ckpt, args.vae_ckpt, sampling, device, args.dtype)
+        folder = generate_samples(
+            sampler, settings, args.out_dir, max_batches=args.max_batches, device=device
+        )
+        finished = all((folder / png_name(i)).is_file() for i in range(settings.num_images))
+        if args.npz is not None and dist.is_main():
+            if finished:
+                pack_npz(folder, args.npz or None)
+            else:
+                log.warning("not packing: %s is incomplete (run again to resume)", folder)
+        dist.barrier()
+        return folder
+    finally:
+        dist.destroy()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,298 @@
+"""Inception-v3 features for FID / IS / precision-recall, on torch-fidelity's TF-compatible net.
+
+We use torch-fidelity's ``inception-v3-compat`` extractor (``FeatureExtractorInceptionV3``),
+which reproduces the TF ``classify_image_graph_def.pb`` the ADM evaluator runs (EVALUATION.md),
+and never let it download anything: the weights file comes from, in this order,
+
+1. the ``weights_path`` argument (``--inception-weights`` on the command lines),
+2. the environment variable ``MVAR_INCEPTION_WEIGHTS``,
+3. ``$TORCH_HOME/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth`` (where
+   torch-fidelity itself would cache it).
+
+A missing file raises an error naming the file, every place looked and the download URL.
+
+Checksum: torch.hub names files ``<name>-<first 8 hex of sha256>.<ext>``, so the official
+file's sha256 must start with ``6726825d``. That prefix is all we can know offline; the full
+sha256 of whatever file was used is recorded with every result, and a prefix mismatch warns
+(or raises with ``strict_hash=True``).
+
+Features per image (uint8, any size; the net resizes to 299 the TF way):
+``pool`` = 2048-d pool_3 (FID, precision/recall), ``logits`` = 1008-way pool_3 x W without the
+bias (``logits_unbiased``; what the ADM evaluator's softmax sees) for IS.
+
+sFID needs the spatial ``mixed_6/conv`` activations, which torch-fidelity 0.4.0's extractor
+does not expose (:data:`SFID_STATUS`), so sFID is reported as not supported, never estimated.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mvar.io import atomic_path, atomic_torch_save
+from mvar.metrics import sha256_file
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_ENV = "MVAR_INCEPTION_WEIGHTS"
+WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
+# The URL torch-fidelity 0.4.0 downloads from (feature_extractor_inceptionv3.URL_INCEPTION_V3).
+WEIGHTS_URL = (
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+    "weights-inception-2015-12-05-6726825d.pth"
+)
+# torch.hub's file-naming convention: the suffix is the sha256's first 8 hex digits.
+OFFICIAL_SHA256_PREFIX = "6726825d"
+
+EXTRACTOR_NAME = "inception-v3-compat"
+RANDOM_EXTRACTOR_LABEL = "random-init inception (NOT comparable to paper)"
+POOL_FEATURE = "2048"
+LOGITS_FEATURE = "logits_unbiased"
+POOL_DIM, NUM_LOGITS = 2048, 1008
+
+SFID_STATUS = (
+    "not supported: torch-fidelity 0.4.0's inception-v3-compat extractor exposes only the "
+    "64/192/768/2048 pooled features and the logits, not the spatial mixed_6/conv activations "
+    "sFID is computed from"
+)
+
+
+def _torch_fidelity_extractor_cls() -> type:
+    try:
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    except ImportError as e:  # pragma: no cover - the eval extra is a declared dependency
+        raise ImportError(
+            f"torch-fidelity is needed for Inception features ({e}); install it with "
+            "`pip install -e .[eval]`"
+        ) from e
+    return FeatureExtractorInceptionV3
+
+
+# --------------------------------------------------------------------------------------------
+# Locating and checking the weights
+# --------------------------------------------------------------------------------------------
+
+
+def candidate_weight_paths(
+    weights_path: str | os.PathLike[str] | None = None,
+) -> list[tuple[Path, str]]:
+    """Where we look for the weights, in order, each with how it was chosen."""
+    if weights_path is not None:
+        return [(Path(weights_path), "--inception-weights")]
+    out = []
+    if os.environ.get(WEIGHTS_ENV):
+        out.append((Path(os.environ[WEIGHTS_ENV]), f"${WEIGHTS_ENV}"))
+    out.append((Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_FILENAME, "torch hub cache"))
+    return out
+
+
+def resolve_weights(weights_path: str | os.PathLike[str] | None = None) -> Path:
+    """The weights file to use; raises FileNotFoundError naming every place looked."""
+    candidates = candidate_weight_paths(weights_path)
+    for path, _ in candidates:
+        if path.is_file():
+            return path
+    looked = "; ".join(f"{p} ({how})" for p, how in candidates)
+    raise FileNotFoundError(
+        f"Inception weights {WEIGHTS_FILENAME} not found (looked in: {looked}). Nothing is "
+        f"downloaded at run time: download it from {WEIGHTS_URL} and pass "
+        f"--inception-weights PATH or set ${WEIGHTS_ENV}"
+    )
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    path: str
+    sha256: str
+    official: bool  # sha256 starts with the official file's prefix
+    label: str  # what results call this extractor
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "inception_weights": self.path,
+            "inception_weights_sha256": self.sha256,
+            "inception_weights_official_prefix": OFFICIAL_SHA256_PREFIX,
+            "inception_weights_match_official_prefix": self.official,
+            "extractor": self.label,
+        }
+
+
+def verify_weights(
+    path: str | os.PathLike[str], strict_hash: bool = False, label: str | None = None
+) -> WeightsInfo:
+    """sha256 of the weights and whether it matches the official file's known prefix."""
+    digest = sha256_file(path)
+    official = digest.startswith(OFFICIAL_SHA256_PREFIX)
+    if not official:
+        msg = (
+            f"Inception weights {path} have sha256 {digest}, which does not start with "
+            f"{OFFICIAL_SHA256_PREFIX} (the official {WEIGHTS_FILENAME} from {WEIGHTS_URL}); "
+            "scores will not be comparable to published ones"
+        )
+        if strict_hash:
+            raise ValueError(msg + " (strict hash check requested)")
+        if label != RANDOM_EXTRACTOR_LABEL:  # random test weights are expected to differ
+            warnings.warn(msg, stacklevel=2)
+    if label is None:
+        label = (
+            EXTRACTOR_NAME if official else f"{EXTRACTOR_NAME} (unverified weights {digest[:12]})"
+        )
+    return WeightsInfo(path=str(path), sha256=digest, official=official, label=label)
+
+
+# --------------------------------------------------------------------------------------------
+# Random, variance-preserving weights (tests and the embedded demo)
+# --------------------------------------------------------------------------------------------
+
+
+def _inception_skeleton() -> torch.nn.Module:
+    """torch-fidelity's Inception module with its default (unloaded) parameters: only for its
+    keys and shapes. The class always loads a state dict in __init__, so we hand it an empty
+    one and skip the (strict) load in a subclass instead of touching the network."""
+    base = _torch_fidelity_extractor_cls()
+
+    class _Skeleton(base):  # type: ignore[misc, valid-type]
+        def load_state_dict(self, state_dict, strict=True, assign=False):  # type: ignore[override]
+            if state_dict:
+                raise RuntimeError("skeleton must not load weights")
+
+    with tempfile.TemporaryDirectory() as d:
+        empty = Path(d) / "empty.pth"
+        torch.save({}, empty)
+        return _Skeleton(EXTRACTOR_NAME, [POOL_FEATURE], feature_extractor_weights_path=str(empty))
+
+
+def random_inception_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    """A state dict with exactly the Inception extractor's keys and shapes, random but
+    variance-preserving, so that features of different images differ (PyTorch's default init
+    makes every feature collapse and every metric read zero — EVALUATION.md).
+
+    conv weights ~ N(0, 2 / fan_in) (He: every conv is followed by BN then ReLU, which halves
+    the second moment); BN is the identity (mean 0, var 1, gamma 1, beta 0); the classifier
+    ~ N(0, 1 / 2048) with zero bias, so logits have O(1) spread.
+    """
+    g = torch.Generator().manual_seed(seed)
+    sd = _inception_skeleton().state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for key in sorted(sd):
+        t = sd[key]
+        if key.endswith(("num_batches_tracked", "running_mean", "bn.bias")) or key == "fc.bias":
+            v = torch.zeros_like(t)
+        elif key.endswith(("running_var", "bn.weight")):
+            v = torch.ones_like(t)
+        elif key.endswith("conv.weight"):
+            fan_in = t[0].numel()
+            v = torch.randn(t.shape, generator=g) * (2.0 / fan_in) ** 0.5
+        elif key == "fc.weight":
+            v = torch.randn(t.shape, generator=g) * (1.0 / t.shape[1]) ** 0.5
+        else:  # a key we do not know means torch-fidelity changed; fail loudly
+            raise KeyError(f"unexpected Inception state-dict key {key!r}")
+        out[key] = v.to(t.dtype).contiguous()
+    return out
+
+
+def save_random_inception_weights(path: str | os.PathLike[str], seed: int = 0) -> Path:
+    """Write :func:`random_inception_state_dict` to ``path`` (atomically); returns the path."""
+    return atomic_torch_save(random_inception_state_dict(seed), path)
+
+
+# --------------------------------------------------------------------------------------------
+# Extraction
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Features:
+    pool: np.ndarray  # (N, 2048) float64
+    logits: np.ndarray  # (N, 1008) float64, no bias
+
+    def __len__(self) -> int:
+        return self.pool.shape[0]
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        with atomic_path(path) as tmp, tmp.open("wb") as f:
+            np.savez(f, pool=self.pool, logits=self.logits)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Features:
+        with np.load(path) as z:
+            return cls(pool=z["pool"], logits=z["logits"])
+
+
+class InceptionExtractor:
+    """pool_3 features and unbiased logits of uint8 images through torch-fidelity's net."""
+
+    def __init__(
+        self,
+        weights_path: str | os.PathLike[str] | None = None,
+        device: str | torch.device = "cpu",
+        batch_size: int = 64,
+        strict_hash: bool = False,
+        label: str | None = None,
+    ) -> None:
+        path = resolve_weights(weights_path)
+        self.info = verify_weights(path, strict_hash=strict_hash, label=label)
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self._path = path
+        self._net: torch.nn.Module | None = None  # built on first use: cache hits skip it
+
+    @property
+    def net(self) -> torch.nn.Module:
+        if self._net is None:
+            cls = _torch_fidelity_extractor_cls()
+            # Same loading path for real and random weights: torch-fidelity's own strict load.
+            self._net = cls(
+                EXTRACTOR_NAME, [POOL_FEATURE, LOGITS_FEATURE],
+                feature_extractor_weights_path=str(self._path),
+            ).to(self.device)  # fmt: skip
+            log.info(
+                "Inception extractor %s from %s (sha256 %s)",
+                self.info.label, self._path, self.info.sha256,
+            )  # fmt: skip
+        return self._net
+
+    @torch.no_grad()
+    def extract_batch(self, images_BHWC: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(pool (B, 2048), logits (B, 1008)) float64 of uint8 images (B, H, W, 3)."""
+        x = np.asarray(images_BHWC)
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(f"expected uint8 images (B, H, W, 3), got {x.dtype} {x.shape}")
+        # np.array copies: npz batches are read-only views, which torch.from_numpy warns about.
+        x_B3HW = torch.from_numpy(np.array(x, copy=True)).permute(0, 3, 1, 2).to(self.device)
+        pool, logits = self.net(x_B3HW)
+        return pool.double().cpu().numpy(), logits.double().cpu().numpy()
+
+    def extract(
+        self, batches: Iterable[np.ndarray], total: int | None = None, desc: str = "inception"
+    ) -> Features:
+        """Features of a stream of uint8 image batches, re-batched to exactly ``batch_size``
+        images per forward (so results do not depend on how the input was chunked)."""
+        pools, logits = [], []
+        buf = np.empty((0,), dtype=np.uint8)
+        with tqdm(total=total, desc=desc, unit="img", disable=None) as bar:
+            for batch in batches:
+                buf = np.concatenate([buf, batch]) if len(buf) else np.asarray(batch)
+                while len(buf) >= self.batch_size:
+                    p, lg = self.extract_batch(buf[: self.batch_size])
+                    buf = buf[self.batch_size :]
+                    pools.append(p)
+                    logits.append(lg)
+                    bar.update(len(p))
+            if len(buf):
+                p, lg = self.extract_batch(buf)
+                pools.append(p)
+                logits.append(lg)
+                bar.update(len(p))
+        if not pools:
+            raise ValueError("no images to extract features from")
+        return Features(pool=np.concatenate(pools), logits=np.concatenate(logits))
