@@ -297,6 +297,8 @@ def train_tiny(preset: str, steps: int, num_classes: int, work: Path, device: to
         raise RuntimeError("--train-steps runs in a single process (mvar.train owns the group)")
     cfg = TrainConfig(
         model=preset, out_dir=str(work / "train" / preset), steps=steps, batch_size=16,
+        # A toy model needs a toy learning rate: the paper's 1e-4·batch/256 rule gives 6e-6 here.
+        lr=3e-3, warmup_steps=min(10, steps),
         synthetic_classes=num_classes, synthetic_per_class=16, seed=0, device=str(device),
         ckpt_every=max(steps // 4, 1),
     )  # fmt: skip
