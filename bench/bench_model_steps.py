@@ -38,7 +38,7 @@ def _tokens(vae: torch.nn.Module, B: int) -> list[torch.Tensor]:
     return [torch.randint(vae.cfg.vocab_size, (B, pn * pn), generator=g) for pn in vae.cfg.patch_nums]
 
 
-def _info(benchmark, preset: str, workload: str) -> None:  # noqa: ANN001
+def _info(benchmark, preset: str, workload: str) -> None:
     benchmark.group = workload
     benchmark.extra_info.update(
         model=preset, workload=workload, batch=BATCH, threads=torch.get_num_threads(), dtype="float32"
@@ -46,7 +46,7 @@ def _info(benchmark, preset: str, workload: str) -> None:  # noqa: ANN001
 
 
 @pytest.mark.parametrize("preset", ["var-tiny", "mvar-tiny"])
-def test_sample(benchmark, vae: torch.nn.Module, preset: str) -> None:  # noqa: ANN001
+def test_sample(benchmark, vae: torch.nn.Module, preset: str) -> None:
     torch.manual_seed(0)
     model = build_model(preset).eval()
     label = torch.arange(BATCH)
@@ -59,7 +59,7 @@ def test_sample(benchmark, vae: torch.nn.Module, preset: str) -> None:  # noqa: 
 
 
 @pytest.mark.parametrize("preset", ["var-tiny", "mvar-tiny"])
-def test_train_step(benchmark, vae: torch.nn.Module, preset: str) -> None:  # noqa: ANN001
+def test_train_step(benchmark, vae: torch.nn.Module, preset: str) -> None:
     torch.manual_seed(0)
     model = build_model(preset).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)

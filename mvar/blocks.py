@@ -135,7 +135,7 @@ class SelfAttention(nn.Module):
         return 1.0 if self.attn_l2_norm else 0.25 / math.sqrt(self.head_dim)
 
     def qkv(self, x_BlC: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        B, l, C = x_BlC.shape
+        B, l, _ = x_BlC.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
         qkv = F.linear(x_BlC, self.mat_qkv.weight, bias).view(B, l, 3, self.num_heads, -1)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each BHlc

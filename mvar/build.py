@@ -20,7 +20,7 @@ def build_model(
     *,
     init: bool = True,
     na_backend: str | None = None,
-) -> "VAR | MVAR":
+) -> VAR | MVAR:
     """A VAR or MVAR transformer for ``cfg`` (or a preset name such as ``"mvar-d16"``).
 
     ``device="meta"`` builds without allocating (parameter counts, FLOP counting). ``init``

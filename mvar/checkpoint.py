@@ -92,7 +92,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Any:
     p = resolve_checkpoint(path)
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many types for corrupt files
+    except Exception as e:
         size = p.stat().st_size
         raise CheckpointError(
             f"{p} ({size:,} bytes) is not a readable PyTorch checkpoint: the file may be "

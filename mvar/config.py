@@ -116,7 +116,7 @@ class ModelConfig:
         """Whether scale ``si`` uses 2-D neighbourhood attention (MVAR §2)."""
         return self.arch == "mvar" and self.spatial_markov and si >= self.refine_step
 
-    def replace(self, **changes: object) -> "ModelConfig":
+    def replace(self, **changes: object) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
 

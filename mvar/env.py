@@ -35,19 +35,19 @@ def device_name(device: torch.device | str | None = None) -> str:
 
 
 def git_sha(repo: str | Path | None = None) -> str:
-    """``git rev-parse HEAD`` of the checkout (read-only); ``$GIT_SHA`` or "unknown" without git."""
+    """HEAD's SHA of the checkout, with ``-dirty`` when tracked files have changes (so a result
+    row never claims a commit it was not produced from); ``$GIT_SHA`` or "unknown" without git."""
     repo = Path(repo) if repo is not None else Path(__file__).resolve().parents[1]
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=repo,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return os.environ.get("GIT_SHA", "unknown")
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True,
+                                 timeout=10, check=False)  # fmt: skip
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    sha = git("rev-parse", "HEAD")
+    if not sha:
+        return os.environ.get("GIT_SHA", "unknown")
+    return sha + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")

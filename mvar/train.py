@@ -187,8 +187,12 @@ def train(cfg: TrainConfig) -> Path:
 
     def save(step: int) -> Path:
         state = {
-            "trainer": {f"{mcfg.arch}_wo_ddp": model.state_dict(), "optimizer": opt.state_dict(),
-                        "scaler": scaler.state_dict(), "step": step},  # fmt: skip
+            "trainer": {
+                f"{mcfg.arch}_wo_ddp": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scaler": scaler.state_dict(),
+                "step": step,
+            },
             "history": history,
             "args": dataclasses.asdict(cfg),
         }

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mvar.config import CHECKPOINT_PRESETS
+
 # Where each block of numbers comes from (arXiv 2505.12742 v3 / ICLR 2026 camera-ready; the
 # CVL-UESTC/MVAR README; the ICLR 2026 poster; the FoundationVision/VAR README).
 SRC_TABLE1 = "MVAR paper, Table 1 (ImageNet 256x256 class-conditional); PAPER.md"
@@ -60,14 +62,7 @@ METRICS: dict[str, tuple[str, str]] = {
 
 # Architecture preset (mvar.config) of every non-quoted model name used here.
 MODEL_PRESETS: dict[str, str] = {
-    "var-d16": "var-d16",
-    "var-d20": "var-d20",
-    "var-d24": "var-d24",
-    "var-d30": "var-d30",
-    "mvar-d16": "mvar-d16",
-    "mvar-finetune-d16": "mvar-d16",
-    "mvar-finetune-d20": "mvar-d20",
-    "mvar-finetune-d24": "mvar-d24",
+    **CHECKPOINT_PRESETS,
     "mvar-d16-scale-markov": "mvar-d16-scale-markov",
 }
 

@@ -43,7 +43,7 @@ def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("arch", ["var", "mvar"])
 def test_teacher_forcing_logits(parity_fixtures: list[dict[str, Any]], arch: str) -> None:
     for fx in parity_fixtures:
-        vae, models = _models(fx)
+        _, models = _models(fx)
         with torch.no_grad():
             logits = models[arch](fx["inputs"]["label"], fx["vae"]["teacher_input"])
         err = _max_err(logits, fx[arch]["tf_logits"])

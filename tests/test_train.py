@@ -63,5 +63,5 @@ def test_interrupted_run_resumes_exactly(tmp_path: Path) -> None:
         assert torch.equal(x, y), f"{k} differs after resume"
     ha = (tmp_path / "a" / "history.csv").read_text()
     hb = (tmp_path / "b" / "history.csv").read_text()
-    strip = lambda t: [",".join(line.split(",")[:3]) for line in t.splitlines()]  # noqa: E731
+    strip = lambda t: [",".join(line.split(",")[:3]) for line in t.splitlines()]
     assert strip(ha) == strip(hb)  # same steps, chunks and losses; only timings differ
