@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mvar.attention import na2d
 from mvar.config import ModelConfig
 
 # attend(q_BHlc, k_BHLc, v_BHLc) -> o_BHlc.  q and k arrive l2-normalised, q already multiplied
@@ -97,8 +98,6 @@ class NeighbourhoodAttention(nn.Module):
     def forward(
         self, q_BHlc: Tensor, k_BHlc: Tensor, v_BHlc: Tensor, grid_hw: tuple[int, int]
     ) -> Tensor:
-        from mvar.attention import na2d  # local: the kernels package imports numba lazily
-
         B, H, l, c = q_BHlc.shape
         h, w = grid_hw
         if h * w != l:
