@@ -9,6 +9,7 @@ The official code itself differs between 1 and 2 threads by up to ~8e-6 (fixture
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ from mvar.checkpoint import load_transformer_state_dict
 from mvar.vqvae import load_vqvae_state_dict
 from tests.conftest import fixture_configs
 
+log = logging.getLogger(__name__)
 LOGIT_TOL = 1e-4
 IMG_TOL = 1e-3
 
@@ -47,6 +49,7 @@ def test_teacher_forcing_logits(parity_fixtures: list[dict[str, Any]], arch: str
         with torch.no_grad():
             logits = models[arch](fx["inputs"]["label"], fx["vae"]["teacher_input"])
         err = _max_err(logits, fx[arch]["tf_logits"])
+        log.info("%s: %s teacher-forcing logits max |diff| %.3g", fx["_path"], arch, err)
         assert err <= LOGIT_TOL, f"{fx['_path']}: {arch} teacher-forcing logits off by {err:.3g}"
 
 
@@ -64,12 +67,15 @@ def test_autoregressive_runs(parity_fixtures: list[dict[str, Any]], arch: str) -
                 g_seed=run["g_seed"], more_smooth=run["more_smooth"], record_logits=True,
             )  # fmt: skip
             assert out.guided_logits is not None and out.img01 is not None
+            errs = []
             for si, (got, want) in enumerate(zip(out.guided_logits, run["guided_logits"], strict=True)):
-                err = _max_err(got, want)
+                errs.append(err := _max_err(got, want))
                 assert err <= LOGIT_TOL, f"{where}: guided logits of scale {si} off by {err:.3g}"
             for si, (got, want) in enumerate(zip(out.idx_Bl, run["idx"], strict=True)):
                 n_diff = int((got != want).sum())
                 assert n_diff == 0, f"{where}: {n_diff} sampled tokens differ at scale {si}"
             assert _max_err(out.fhat, run["fhat"]) <= LOGIT_TOL, f"{where}: f̂ differs"
             err = _max_err(out.img01, run["img01"])
+            log.info("%s: guided logits max |diff| %.3g, tokens equal, img01 max |diff| %.3g",
+                     where, max(errs), err)  # fmt: skip
             assert err <= IMG_TOL, f"{where}: img01 off by {err:.3g}"
