@@ -250,25 +250,19 @@ class ScaleARTransformer(nn.Module):
 
         softmax_scale = self.blocks[0].attn.softmax_scale if cfg.depth else 1.0
         self.dense_attention = DenseAttention(softmax_scale)
-        self._register_load_state_dict_pre_hook(self._ignore_loaded_mask)
         self.register_load_state_dict_post_hook(ScaleARTransformer._rebuild_mask)
 
     # -- masks ------------------------------------------------------------------------------
     def build_attn_bias(self) -> Tensor:  # (1, 1, L, L) additive 0 / -inf
         raise NotImplementedError
 
-    def _ignore_loaded_mask(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        # The mask is a function of the geometry; a loaded copy can be wrong (the official
-        # MVAR fine-tunes inherited VAR's block-causal one, MVAR.md §3). Keep the key (so the
-        # state dicts stay interchangeable) but never its values. Shape mismatches still
-        # surface, since they mean another geometry.
-        key = prefix + "attn_bias_for_masking"
-        loaded = state_dict.get(key)
-        if loaded is not None and tuple(loaded.shape) == tuple(self.attn_bias_for_masking.shape):
-            state_dict[key] = self.attn_bias_for_masking.detach().clone()
-
     @staticmethod
     def _rebuild_mask(module: nn.Module, incompatible: Any) -> None:
+        # The mask is a function of the geometry; a loaded copy can be wrong (the official
+        # MVAR fine-tunes inherited VAR's block-causal one, MVAR.md §3). The key stays in the
+        # state dict (so VAR and MVAR files stay interchangeable) but its values are replaced
+        # after every load; a shape mismatch still fails the load, since it means another
+        # geometry.
         assert isinstance(module, ScaleARTransformer)
         if module.attn_bias_for_masking.device.type != "meta":
             with torch.no_grad():

@@ -222,8 +222,9 @@ def train(cfg: TrainConfig) -> Path:
         rows = torch.randint(len(tokens), (cfg.batch_size,), generator=g)[rank::world]
         idx_Bl, label_B = tokens.batch(rows)
         idx_Bl, label_B = [t.to(device) for t in idx_Bl], label_B.to(device)
+        lr = lr_at(step, cfg)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
+            group["lr"] = lr
         t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss = token_loss(ddp, vae, idx_Bl, label_B, chunk)
@@ -233,13 +234,13 @@ def train(cfg: TrainConfig) -> Path:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         scaler.step(opt)
         scaler.update()
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"loss became {loss.item()} at step {step}")
+        loss_value = loss.item()  # one device sync per step
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"loss became {loss_value} at step {step}")
         history.append({"step": step, "chunk": -1 if chunk is None else chunk[0],
-                        "loss": loss.item(), "lr": lr_at(step, cfg),
-                        "seconds": time.perf_counter() - t0})  # fmt: skip
+                        "loss": loss_value, "lr": lr, "seconds": time.perf_counter() - t0})  # fmt: skip
         if step % cfg.log_every == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr_at(step, cfg):.2e}")
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
         if (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.steps:
             save(step + 1)
     path = save(cfg.steps)

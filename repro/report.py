@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from mvar.env import device_name, git_sha
+from mvar.io import atomic_path
 from repro import paper
 
 log = logging.getLogger(__name__)
@@ -181,9 +182,9 @@ def not_measured(
 def write_csv(rows: Iterable[ResultRow], path: str | Path) -> Path:
     """Write rows in the long format (parent folders created); returns the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     rows = list(rows)
-    with path.open("w", newline="") as f:
+    # Atomic: a session killed mid-write leaves the previous table, not half of a new one.
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(COLUMNS))
         w.writeheader()
         for r in rows:

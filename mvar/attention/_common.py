@@ -197,6 +197,13 @@ def needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+def flatten_heads(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, heads, H, W, D] -> contiguous [B*heads, H, W, D] in ``dtype``, the layout the fused
+    kernels (numba, cuda) take; no copy when it already is."""
+    B, heads, H, W, D = t.shape
+    return t.detach().to(dtype).contiguous().view(B * heads, H, W, D)
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the kernels compute and accumulate in: fp64 stays fp64, everything else fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
-from mvar.attention._common import inverse_windows, window_start_array
+from mvar.attention._common import flatten_heads, inverse_windows, window_start_array
 
 logger = logging.getLogger(__name__)
 
@@ -451,11 +451,10 @@ class _NA2DCuda(torch.autograd.Function):
         kw: int,
         scale: float,
     ) -> torch.Tensor:
-        B, heads, H, W, D = q.shape
-        flat = (B * heads, H, W, D)
-        q_, k_, v_ = (t.detach().float().contiguous().view(flat) for t in (q, k, v))
+        H, W = q.shape[2:4]
+        q_, k_, v_ = (flatten_heads(t, torch.float32) for t in (q, k, v))
         out = torch.empty_like(q_)
-        lse = torch.empty(flat[:3], dtype=torch.float32, device=q.device)
+        lse = torch.empty(q_.shape[:3], dtype=torch.float32, device=q.device)
         idx, _ = _device_index(H, W, kh, kw, q.device)
         with nb_cuda.gpus[q.device.index or 0]:
             stream = nb_cuda.external_stream(torch.cuda.current_stream(q.device).cuda_stream)
@@ -475,11 +474,11 @@ class _NA2DCuda(torch.autograd.Function):
     ) -> tuple[torch.Tensor | None, ...]:
         q_, k_, v_, out, lse = ctx.saved_tensors
         kh, kw, scale = ctx.kernel
-        BH, H, W, D = q_.shape
+        H, W = q_.shape[1:3]
         shape = dout.shape
-        dout_ = dout.detach().float().contiguous().view(BH, H, W, D)
+        dout_ = flatten_heads(dout, torch.float32)
         dq, dk, dv = (torch.empty_like(q_) for _ in range(3))
-        delta = torch.empty((BH, H, W), dtype=torch.float32, device=q_.device)
+        delta = torch.empty(q_.shape[:3], dtype=torch.float32, device=q_.device)
         idx, inv = _device_index(H, W, kh, kw, q_.device)
         with nb_cuda.gpus[q_.device.index or 0]:
             stream = nb_cuda.external_stream(torch.cuda.current_stream(q_.device).cuda_stream)

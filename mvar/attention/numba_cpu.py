@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
-from mvar.attention._common import compute_dtype, window_start_array
+from mvar.attention._common import compute_dtype, flatten_heads, window_start_array
 
 logger = logging.getLogger(__name__)
 
@@ -333,13 +333,6 @@ if _IMPORT_ERROR is None:
 # --------------------------------------------------------------------------------------------
 
 
-def _flat(t: torch.Tensor, ct: torch.dtype) -> torch.Tensor:
-    """[B, heads, H, W, D] -> contiguous [B*heads, H, W, D] in the compute dtype (no copy when
-    it already is)."""
-    B, heads, H, W, D = t.shape
-    return t.detach().to(ct).contiguous().view(B * heads, H, W, D)
-
-
 def _scratch(rows_per_thread: int, nk: int, dtype: np.dtype) -> np.ndarray:
     """Per-thread scratch rows, allocated once per call outside the kernels. get_thread_id()
     is < NUMBA_NUM_THREADS (the pool size) however many threads are active."""
@@ -406,7 +399,7 @@ class _NA2DNumba(torch.autograd.Function):
     ) -> torch.Tensor:
         B, heads, H, W, D = q.shape
         ct = compute_dtype(q.dtype)
-        q_, k_, v_ = _flat(q, ct), _flat(k, ct), _flat(v, ct)
+        q_, k_, v_ = (flatten_heads(t, ct) for t in (q, k, v))
         out_np, lse_np = forward_arrays(q_.numpy(), k_.numpy(), v_.numpy(), kh, kw, scale)
         out, lse = torch.from_numpy(out_np), torch.from_numpy(lse_np)
         ctx.save_for_backward(q_, k_, v_, out, lse)
@@ -421,9 +414,8 @@ class _NA2DNumba(torch.autograd.Function):
     ) -> tuple[torch.Tensor | None, ...]:
         q_, k_, v_, out, lse = ctx.saved_tensors
         kh, kw, scale = ctx.kernel
-        BH, H, W, D = q_.shape
         shape = dout.shape
-        dout_ = dout.detach().to(q_.dtype).contiguous().view(BH, H, W, D)
+        dout_ = flatten_heads(dout, q_.dtype)
         grads = backward_arrays(
             q_.numpy(), k_.numpy(), v_.numpy(), out.numpy(), lse.numpy(), dout_.numpy(),
             kh, kw, scale,
