@@ -142,16 +142,18 @@ def test_reference_key_index_covers_each_window_exactly() -> None:
 
 
 @st.composite
-def problems(draw: st.DrawFn, dtypes=ALL_DTYPES) -> dict:
+def problems(draw: st.DrawFn, dtypes=ALL_DTYPES, mvar_head: bool = False) -> dict:
+    """Random valid problems. ``mvar_head``: D = 64 and kw = 7, the shapes for which the numba
+    kernels run their copy compiled with literal trip counts (everything else still drawn)."""
     H = draw(st.integers(1, 20))
-    W = draw(st.integers(1, 20))
+    W = draw(st.integers(7 if mvar_head else 1, 20))
     kh = draw(st.integers(1, H))
-    kw = draw(st.integers(1, W))
-    B = draw(st.integers(1, 3))
-    heads = draw(st.integers(1, 3))
-    D = draw(st.integers(1, 17))
+    kw = 7 if mvar_head else draw(st.integers(1, W))
+    B = draw(st.integers(1, 2 if mvar_head else 3))
+    heads = draw(st.integers(1, 2 if mvar_head else 3))
+    D = 64 if mvar_head else draw(st.integers(1, 17))
     # the reference materialises [B, heads, H*W, kh*kw, D]: keep it to a few MB
-    assume(B * heads * H * W * kh * kw * D <= 1_500_000)
+    assume(B * heads * H * W * kh * kw * D <= (4_000_000 if mvar_head else 1_500_000))
     return {
         "shape": (B, heads, H, W, D),
         "ks": (kh, kw) if draw(st.booleans()) or kh != kw else kh,
@@ -332,6 +334,22 @@ def test_gradients_match_reference_pinned(name: str, dtype: torch.dtype, shape, 
     g = torch.randn(shape, generator=torch.Generator().manual_seed(10)).to(dtype)
     for gg, ww in zip(_grads(name, q, k, v, ks, 1.0, g), _reference_grads(q, k, v, ks, 1.0, g)):
         _assert_close(gg, ww, dtype, "grad")
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(p=problems(mvar_head=True))
+def test_numba_mvar_head_copy_matches_reference(p: dict) -> None:
+    """The numba kernels' literal (kw = 7, D = 64) copy: forward, and gradients in fp32/fp64."""
+    _skip_unless_runnable("numba", requires_grad=True)
+    q, k, v = _qkv(p["shape"], p["dtype"], p["seed"])
+    out = na2d(q, k, v, p["ks"], p["scale"], backend="numba")
+    _assert_close(out, _oracle(q, k, v, p["ks"], p["scale"]), p["dtype"], "out")
+    if p["dtype"] in (torch.float32, torch.float64):
+        g = torch.randn(p["shape"], generator=torch.Generator().manual_seed(p["seed"] + 1))
+        g = g.to(p["dtype"])
+        got = _grads("numba", q, k, v, p["ks"], p["scale"], g)
+        for gg, ww in zip(got, _reference_grads(q, k, v, p["ks"], p["scale"], g)):
+            _assert_close(gg, ww, p["dtype"], "grad")
 
 
 def test_numba_gradcheck_fp64() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from mvar.build import build_model
 from mvar.checkpoint import load_transformer
 from mvar.train import TrainConfig, lr_at, param_groups, train
 
-SMALL = dict(synthetic_classes=4, synthetic_per_class=2, batch_size=4, ckpt_every=100, log_every=1)
+SMALL = {"synthetic_classes": 4, "synthetic_per_class": 2, "batch_size": 4, "ckpt_every": 100, "log_every": 1}
 
 
 def test_weight_decay_groups_follow_var() -> None:
@@ -36,7 +37,7 @@ def test_schedule_warms_up_then_decays_to_wpe() -> None:
     assert lr_at(500, cfg) < 1e-4
     assert lr_at(999, cfg) == pytest.approx(1e-5)
     lrs = [lr_at(s, cfg) for s in range(20, 1000)]
-    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs))
 
 
 @pytest.mark.parametrize("model", ["var-tiny", "mvar-tiny"])

@@ -1,10 +1,11 @@
 """The numba backend: fused CPU kernels for the forward and the backward pass.
 
-Forward: one parallel loop over the B*heads*H query rows (``prange``). For each query the
-kh*kw scores go into a small per-thread scratch row, then max, exp-sum and the weighted sum of
-values are written straight into the output row; the logsumexp of each query is kept for the
-backward (FlashAttention's trick: the backward recomputes the probabilities as
-exp(s - lse) instead of storing the [N, kh*kw] matrix).
+Forward: one parallel loop over the B*heads*H query rows (``prange``). A row's W queries are
+done in three passes, each with an L1-sized working set (``_query_row_forward``): the scores one
+key row at a time into per-thread scratch rows, the softmax of each query's kh*kw scores, then
+the weighted sum of values one value row at a time straight into the output row. The logsumexp
+of each query is kept for the backward (FlashAttention's trick: the backward recomputes the
+probabilities as exp(s - lse) instead of storing the [N, kh*kw] matrix).
 
 Backward: one parallel loop over B*heads. Each (batch, head) slice is owned by one thread, so
 dq, dk and dv are accumulated without atomics: per (query, key) pair the kernel recomputes
@@ -23,11 +24,11 @@ several times slower) and contract allows FMAs; both change results at the level
 only. The flags that would change semantics (nnan, ninf, nsz, arcp, afn) stay off, so inf/NaN
 propagate; fp32 uses its own vectorisable exp (see ``_exp_f32``, 1.3 ulp), fp64 libm's.
 
-Speed (2-core AMD EPYC with AVX-512, fp32, 16x16, k = 7, D = 64): ~0.55 us of CPU time per query
-forward (~30 cycles per query-key pair). At B = 64, 16 heads it ran 1.8-2.1x faster than SDPA
-with a mask (which does 5.2x the FLOPs, but at GEMM speed) in ``bench/bench_na2d.py``; at B = 2
-about 3x. The kernel is bound by instruction count, not memory: with D = 64 each dot product
-pays a horizontal reduction about as long as its multiply-adds.
+Speed: see ``bench/bench_na2d.py`` and ``reports/bench/na2d.csv`` for the measured ratios to
+``dense`` (SDPA with a mask, which does 5.2x the FLOPs at 16x16, k = 7, but at GEMM speed). The
+kernel is bound by instruction count, not memory: with D = 64 each dot product pays a
+horizontal reduction about as long as its multiply-adds, which is why the kw = 7, D = 64
+literal copy (see the comment above ``_key_row_dots``) pays off.
 """
 
 from __future__ import annotations
@@ -113,193 +114,241 @@ def _softmax_exp(x):
 # and slot t = a*kw + b of a query's scratch row holds key (r0 + a, c0 + b). Scalars take the
 # arrays' dtype through ``q.dtype.type`` so fp32 kernels never widen to fp64.
 #
-# Two habits keep the loops fast. Arrays are indexed with all four indices instead of through
-# per-key views (a view costs a reference-count increment and decrement inside the parallel
-# region). And keys are taken 4, then 2, then 1 at a time along a window row, so one pass over
-# D serves several dot products, or one read-modify-write of an accumulator row serves several
-# weighted rows (the accumulation is otherwise bound by store-to-load forwarding).
+# Habits that keep the loops fast:
+# - Arrays are indexed with all four indices instead of through per-key views (a view costs a
+#   reference-count increment and decrement inside the parallel region).
+# - Keys are taken several at a time along a window row (7, 4, 3, 2, 1), so one pass over D
+#   serves several dot products, or one read-modify-write of an accumulator row serves several
+#   weighted value rows (the accumulation is otherwise bound by store-to-load forwarding).
+# - The helpers take kw and D as arguments and are inlined (``inline="always"``); the kernels
+#   call them once with the literals kw = 7, D = 64 (every MVAR preset: 64-wide heads, kernel
+#   7) and once with the runtime values. In the literal copy LLVM sees constant trip counts,
+#   unrolls the D loops completely and drops the remainder loops. Other shapes run the generic
+#   copy; the property tests draw D and k freely for it and pin kw = 7, D = 64 for the other.
 # --------------------------------------------------------------------------------------------
 
 
-def _window_dots(x, bh, i, j, y, r0, c0, kh, kw, scale, s, u):
-    """s[u, t] = scale * x[bh, i, j] . y[bh, key t] over the window; returns max_t s[u, t]."""
-    D = x.shape[3]
+def _key_row_dots(x, bh, i, j, y, r, c0, kw, D, scale, s, u, t):
+    """s[u, t + b] = scale * x[bh, i, j] . y[bh, r, c0 + b] for b < kw: one window row."""
     zero = x.dtype.type(0.0)
-    m = x.dtype.type(-np.inf)
-    t = 0
-    for a in range(kh):
-        r = r0 + a
-        b = 0
-        while b + 4 <= kw:
-            c = c0 + b
-            s0 = zero
-            s1 = zero
-            s2 = zero
-            s3 = zero
-            for d in range(D):
-                e = x[bh, i, j, d]
-                s0 += e * y[bh, r, c, d]
-                s1 += e * y[bh, r, c + 1, d]
-                s2 += e * y[bh, r, c + 2, d]
-                s3 += e * y[bh, r, c + 3, d]
-            s0 *= scale
-            s1 *= scale
-            s2 *= scale
-            s3 *= scale
-            s[u, t] = s0
-            s[u, t + 1] = s1
-            s[u, t + 2] = s2
-            s[u, t + 3] = s3
-            m = max(m, max(max(s0, s1), max(s2, s3)))
-            t += 4
-            b += 4
-        if b + 2 <= kw:
-            c = c0 + b
-            s0 = zero
-            s1 = zero
-            for d in range(D):
-                e = x[bh, i, j, d]
-                s0 += e * y[bh, r, c, d]
-                s1 += e * y[bh, r, c + 1, d]
-            s0 *= scale
-            s1 *= scale
-            s[u, t] = s0
-            s[u, t + 1] = s1
-            m = max(m, max(s0, s1))
-            t += 2
-            b += 2
-        if b < kw:
-            c = c0 + b
-            s0 = zero
-            for d in range(D):
-                s0 += x[bh, i, j, d] * y[bh, r, c, d]
-            s0 *= scale
-            s[u, t] = s0
-            m = max(m, s0)
-            t += 1
-    return m
+    b = 0
+    while b + 4 <= kw:
+        c = c0 + b
+        s0 = zero
+        s1 = zero
+        s2 = zero
+        s3 = zero
+        for d in range(D):
+            e = x[bh, i, j, d]
+            s0 += e * y[bh, r, c, d]
+            s1 += e * y[bh, r, c + 1, d]
+            s2 += e * y[bh, r, c + 2, d]
+            s3 += e * y[bh, r, c + 3, d]
+        s[u, t + b] = s0 * scale
+        s[u, t + b + 1] = s1 * scale
+        s[u, t + b + 2] = s2 * scale
+        s[u, t + b + 3] = s3 * scale
+        b += 4
+    if b + 3 <= kw:
+        c = c0 + b
+        s0 = zero
+        s1 = zero
+        s2 = zero
+        for d in range(D):
+            e = x[bh, i, j, d]
+            s0 += e * y[bh, r, c, d]
+            s1 += e * y[bh, r, c + 1, d]
+            s2 += e * y[bh, r, c + 2, d]
+        s[u, t + b] = s0 * scale
+        s[u, t + b + 1] = s1 * scale
+        s[u, t + b + 2] = s2 * scale
+    elif b + 2 <= kw:
+        c = c0 + b
+        s0 = zero
+        s1 = zero
+        for d in range(D):
+            e = x[bh, i, j, d]
+            s0 += e * y[bh, r, c, d]
+            s1 += e * y[bh, r, c + 1, d]
+        s[u, t + b] = s0 * scale
+        s[u, t + b + 1] = s1 * scale
+    elif b < kw:
+        c = c0 + b
+        s0 = zero
+        for d in range(D):
+            s0 += x[bh, i, j, d] * y[bh, r, c, d]
+        s[u, t + b] = s0 * scale
 
 
-def _window_weighted_sum(w, u, y, bh, r0, c0, kh, kw, out, i, j):
-    """out[bh, i, j] += sum_t w[u, t] * y[bh, key t] over the window."""
-    D = y.shape[3]
-    t = 0
+def _value_row_sum(w, u, t, y, bh, r, c0, kw, D, out, i, j):
+    """out[bh, i, j] += sum_b w[u, t + b] * y[bh, r, c0 + b] over b < kw: one window row.
+
+    The weighted rows are summed as a balanced tree and added to ``out`` once per group, so
+    the dependency chain through the accumulator row is one add per group, not one per key.
+    """
+    b = 0
+    while b + 7 <= kw:
+        c = c0 + b
+        w0, w1, w2, w3 = w[u, t + b], w[u, t + b + 1], w[u, t + b + 2], w[u, t + b + 3]
+        w4, w5, w6 = w[u, t + b + 4], w[u, t + b + 5], w[u, t + b + 6]
+        for d in range(D):
+            out[bh, i, j, d] += (
+                (w0 * y[bh, r, c, d] + w1 * y[bh, r, c + 1, d])
+                + (w2 * y[bh, r, c + 2, d] + w3 * y[bh, r, c + 3, d])
+            ) + ((w4 * y[bh, r, c + 4, d] + w5 * y[bh, r, c + 5, d]) + w6 * y[bh, r, c + 6, d])
+        b += 7
+    while b + 4 <= kw:
+        c = c0 + b
+        w0, w1, w2, w3 = w[u, t + b], w[u, t + b + 1], w[u, t + b + 2], w[u, t + b + 3]
+        for d in range(D):
+            out[bh, i, j, d] += (w0 * y[bh, r, c, d] + w1 * y[bh, r, c + 1, d]) + (
+                w2 * y[bh, r, c + 2, d] + w3 * y[bh, r, c + 3, d]
+            )
+        b += 4
+    if b + 3 <= kw:
+        c = c0 + b
+        w0, w1, w2 = w[u, t + b], w[u, t + b + 1], w[u, t + b + 2]
+        for d in range(D):
+            out[bh, i, j, d] += (w0 * y[bh, r, c, d] + w1 * y[bh, r, c + 1, d]) + (
+                w2 * y[bh, r, c + 2, d]
+            )
+    elif b + 2 <= kw:
+        c = c0 + b
+        w0, w1 = w[u, t + b], w[u, t + b + 1]
+        for d in range(D):
+            out[bh, i, j, d] += w0 * y[bh, r, c, d] + w1 * y[bh, r, c + 1, d]
+    elif b < kw:
+        c = c0 + b
+        w0 = w[u, t + b]
+        for d in range(D):
+            out[bh, i, j, d] += w0 * y[bh, r, c, d]
+
+
+def _query_row_forward(q, k, v, out, lse, bh, i, r0, col_start, kh, kw, D, scale, s, base):
+    """Forward for the W queries of row i of slice bh; s[base + j] is query j's scratch row.
+
+    Three passes over the row, each with an L1-sized working set: the scores one key row at a
+    time (the query row and one key row, 2 x W*D values), the softmax of each query's kh*kw
+    scores, then the weighted sum one value row at a time (one value row and the output row).
+    Walking query by query instead touches kh key rows and kh value rows per query, 56 KiB
+    at 16x16, k = 7, D = 64, which spills the 32 KiB L1 and made the kernel L2-bound.
+    """
+    W = q.shape[2]
+    nk = kh * kw
+    zero = q.dtype.type(0.0)
+    one = q.dtype.type(1.0)
     for a in range(kh):
-        r = r0 + a
-        b = 0
-        while b + 4 <= kw:
-            c = c0 + b
-            w0 = w[u, t]
-            w1 = w[u, t + 1]
-            w2 = w[u, t + 2]
-            w3 = w[u, t + 3]
-            for d in range(D):
-                out[bh, i, j, d] = (
-                    out[bh, i, j, d]
-                    + w0 * y[bh, r, c, d]
-                    + w1 * y[bh, r, c + 1, d]
-                    + w2 * y[bh, r, c + 2, d]
-                    + w3 * y[bh, r, c + 3, d]
-                )
-            t += 4
-            b += 4
-        if b + 2 <= kw:
-            c = c0 + b
-            w0 = w[u, t]
-            w1 = w[u, t + 1]
-            for d in range(D):
-                out[bh, i, j, d] += w0 * y[bh, r, c, d] + w1 * y[bh, r, c + 1, d]
-            t += 2
-            b += 2
-        if b < kw:
-            c = c0 + b
-            w0 = w[u, t]
-            for d in range(D):
-                out[bh, i, j, d] += w0 * y[bh, r, c, d]
-            t += 1
+        for j in range(W):
+            _key_row_dots(q, bh, i, j, k, r0 + a, col_start[j], kw, D, scale, s, base + j, a * kw)
+    for j in range(W):
+        u = base + j
+        m = s[u, 0]
+        for t in range(1, nk):
+            m = max(m, s[u, t])
+        total = zero
+        for t in range(nk):  # vectorised: unnormalised probabilities and their sum
+            e = _softmax_exp(s[u, t] - m)
+            s[u, t] = e
+            total += e
+        inv = one / total
+        for t in range(nk):  # normalise the kh*kw weights rather than the D outputs
+            s[u, t] *= inv
+        lse[bh, i, j] = m + math.log(total)
+        for d in range(D):
+            out[bh, i, j, d] = zero
+    for a in range(kh):
+        for j in range(W):
+            _value_row_sum(s, base + j, a * kw, v, bh, r0 + a, col_start[j], kw, D, out, i, j)
 
 
 def _forward_kernel(q, k, v, out, lse, row_start, col_start, kh, kw, scale, scratch):
     BH, H, W, D = q.shape
-    nk = kh * kw
-    zero = q.dtype.type(0.0)
-    one = q.dtype.type(1.0)
     for row in prange(BH * H):  # (batch*head, query row) pairs: plenty of parallel work
         bh = row // H
         i = row - bh * H
+        base = numba.get_thread_id() * W  # this worker's W scratch rows
+        if kw == 7 and D == 64:  # the literal copy (see the comment above _key_row_dots)
+            _query_row_forward(
+                q, k, v, out, lse, bh, i, row_start[i], col_start, kh, 7, 64, scale, scratch, base
+            )
+        else:
+            _query_row_forward(
+                q, k, v, out, lse, bh, i, row_start[i], col_start, kh, kw, D, scale, scratch, base
+            )
+
+
+def _slice_backward(
+    q, k, v, out, dout, lse, dq, dk, dv, bh, row_start, col_start, kh, kw, D, scale, s, up
+):
+    # Softmax backward with p_t = exp(s_t - lse) recomputed from the saved logsumexp:
+    #   delta = do . o,  ds_t = p_t (do . v_t - delta),
+    #   dq = scale sum_t ds_t k_t,  dk_t += scale ds_t q,  dv_t += p_t do.
+    # s[up] holds s_t then p_t, s[up + 1] holds do . v_t then ds_t.
+    _, H, W, _ = q.shape
+    nk = kh * kw
+    zero = q.dtype.type(0.0)
+    one = q.dtype.type(1.0)
+    ug = up + 1
+    for r in range(H):
+        for c in range(W):
+            for d in range(D):
+                dk[bh, r, c, d] = zero
+                dv[bh, r, c, d] = zero
+    for i in range(H):
         r0 = row_start[i]
-        u = numba.get_thread_id()  # this worker's scratch row, scratch[u, :nk]
         for j in range(W):
             c0 = col_start[j]
-            m = _window_dots(q, bh, i, j, k, r0, c0, kh, kw, scale, scratch, u)
-            total = zero
-            for t in range(nk):  # vectorised: unnormalised probabilities and their sum
-                e = _softmax_exp(scratch[u, t] - m)
-                scratch[u, t] = e
-                total += e
-            inv = one / total
-            for t in range(nk):  # normalise the kh*kw weights rather than the D outputs
-                scratch[u, t] *= inv
+            delta = zero
             for d in range(D):
-                out[bh, i, j, d] = zero
-            _window_weighted_sum(scratch, u, v, bh, r0, c0, kh, kw, out, i, j)
-            lse[bh, i, j] = m + math.log(total)
+                delta += dout[bh, i, j, d] * out[bh, i, j, d]
+            L = lse[bh, i, j]
+            for a in range(kh):
+                _key_row_dots(q, bh, i, j, k, r0 + a, c0, kw, D, scale, s, up, a * kw)
+                _key_row_dots(dout, bh, i, j, v, r0 + a, c0, kw, D, one, s, ug, a * kw)
+            for t in range(nk):  # vectorised
+                pt = _softmax_exp(s[up, t] - L)
+                s[up, t] = pt
+                s[ug, t] = pt * (s[ug, t] - delta)
+            for d in range(D):
+                dq[bh, i, j, d] = zero
+            for a in range(kh):
+                _value_row_sum(s, ug, a * kw, k, bh, r0 + a, c0, kw, D, dq, i, j)
+            for d in range(D):
+                dq[bh, i, j, d] *= scale
+            t = 0
+            for a in range(kh):
+                r = r0 + a
+                for b in range(kw):
+                    c = c0 + b
+                    pt = s[up, t]
+                    dst = s[ug, t]
+                    for d in range(D):
+                        dk[bh, r, c, d] += dst * q[bh, i, j, d]
+                        dv[bh, r, c, d] += pt * dout[bh, i, j, d]
+                    t += 1
+    for r in range(H):  # dk collected ds without the scale (one multiply per element)
+        for c in range(W):
+            for d in range(D):
+                dk[bh, r, c, d] *= scale
 
 
 def _backward_kernel(
     q, k, v, out, dout, lse, dq, dk, dv, row_start, col_start, kh, kw, scale, scratch
 ):
-    # Softmax backward with p_t = exp(s_t - lse) recomputed from the saved logsumexp:
-    #   delta = do . o,  ds_t = p_t (do . v_t - delta),
-    #   dq = scale sum_t ds_t k_t,  dk_t += scale ds_t q,  dv_t += p_t do.
     # One (batch, head) slice per parallel iteration, so the scatters into dk, dv never race.
-    # scratch[2u] holds s_t then p_t, scratch[2u + 1] holds do . v_t then ds_t.
-    BH, H, W, D = q.shape
-    nk = kh * kw
-    zero = q.dtype.type(0.0)
-    one = q.dtype.type(1.0)
+    BH, _, _, D = q.shape
     for bh in prange(BH):
         up = 2 * numba.get_thread_id()
-        ug = up + 1
-        for r in range(H):
-            for c in range(W):
-                for d in range(D):
-                    dk[bh, r, c, d] = zero
-                    dv[bh, r, c, d] = zero
-        for i in range(H):
-            r0 = row_start[i]
-            for j in range(W):
-                c0 = col_start[j]
-                delta = zero
-                for d in range(D):
-                    delta += dout[bh, i, j, d] * out[bh, i, j, d]
-                L = lse[bh, i, j]
-                _window_dots(q, bh, i, j, k, r0, c0, kh, kw, scale, scratch, up)
-                _window_dots(dout, bh, i, j, v, r0, c0, kh, kw, one, scratch, ug)
-                for t in range(nk):  # vectorised
-                    pt = _softmax_exp(scratch[up, t] - L)
-                    scratch[up, t] = pt
-                    scratch[ug, t] = pt * (scratch[ug, t] - delta)
-                for d in range(D):
-                    dq[bh, i, j, d] = zero
-                _window_weighted_sum(scratch, ug, k, bh, r0, c0, kh, kw, dq, i, j)
-                for d in range(D):
-                    dq[bh, i, j, d] *= scale
-                t = 0
-                for a in range(kh):
-                    r = r0 + a
-                    for b in range(kw):
-                        c = c0 + b
-                        pt = scratch[up, t]
-                        dst = scratch[ug, t]
-                        for d in range(D):
-                            dk[bh, r, c, d] += dst * q[bh, i, j, d]
-                            dv[bh, r, c, d] += pt * dout[bh, i, j, d]
-                        t += 1
-        for r in range(H):  # dk collected ds without the scale (one multiply per element)
-            for c in range(W):
-                for d in range(D):
-                    dk[bh, r, c, d] *= scale
+        if kw == 7 and D == 64:
+            _slice_backward(
+                q, k, v, out, dout, lse, dq, dk, dv, bh,
+                row_start, col_start, kh, 7, 64, scale, scratch, up,
+            )  # fmt: skip
+        else:
+            _slice_backward(
+                q, k, v, out, dout, lse, dq, dk, dv, bh,
+                row_start, col_start, kh, kw, D, scale, scratch, up,
+            )  # fmt: skip
 
 
 if _IMPORT_ERROR is None:
@@ -316,10 +365,11 @@ if _IMPORT_ERROR is None:
             return lambda x: _exp_f32_jit(x)
         return lambda x: math.exp(x)
 
-    _window_dots = njit(cache=True, inline="always", fastmath=_FASTMATH)(_window_dots)
-    _window_weighted_sum = njit(cache=True, inline="always", fastmath=_FASTMATH)(
-        _window_weighted_sum
-    )
+    _inline = njit(cache=True, inline="always", fastmath=_FASTMATH)
+    _key_row_dots = _inline(_key_row_dots)
+    _value_row_sum = _inline(_value_row_sum)
+    _query_row_forward = _inline(_query_row_forward)
+    _slice_backward = _inline(_slice_backward)
     # cache=True: compiling the two parallel kernels takes seconds; the on-disk cache
     # (__pycache__ next to this file) cuts later processes' start to a fraction of a second.
     _forward_jit = njit(parallel=True, cache=True, nogil=True, fastmath=_FASTMATH)(_forward_kernel)
@@ -354,7 +404,7 @@ def forward_arrays(
     _forward_jit(
         q, k, v, out, lse,
         window_start_array(H, kh), window_start_array(W, kw),
-        kh, kw, q.dtype.type(scale), _scratch(1, kh * kw, q.dtype),
+        kh, kw, q.dtype.type(scale), _scratch(W, kh * kw, q.dtype),
     )  # fmt: skip
     return out, lse
 
