@@ -7,6 +7,8 @@ later runs (torch is large). Arguments after ``--`` go to the underlying command
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nox
 
 nox.options.sessions = ["tests"]
@@ -60,10 +62,15 @@ def repro_figures(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """pytest-benchmark suites; JSON and long-format CSV land in reports/bench/."""
+    """The pytest-benchmark suites, one after the other (never in parallel: they time the
+    machine); each writes reports/bench/<suite>.json and its long-format <suite>.csv."""
     _install(session)
-    session.run("python", "-m", "pytest", "bench", "--benchmark-json", "reports/bench/bench.json",
-                *session.posargs)  # fmt: skip
+    Path("reports/bench").mkdir(parents=True, exist_ok=True)
+    for suite in ("na2d", "model_steps"):
+        json_path = f"reports/bench/{suite}.json"
+        session.run("python", "-m", "pytest", f"bench/bench_{suite}.py",
+                    "--benchmark-json", json_path, *session.posargs)  # fmt: skip
+        session.run("python", "-m", "bench.to_csv", json_path, f"reports/bench/{suite}.csv")
 
 
 @nox.session
