@@ -35,8 +35,9 @@ def device_name(device: torch.device | str | None = None) -> str:
 
 
 def git_sha(repo: str | Path | None = None) -> str:
-    """HEAD's SHA of the checkout, with ``-dirty`` when tracked files have changes (so a result
-    row never claims a commit it was not produced from); ``$GIT_SHA`` or "unknown" without git."""
+    """HEAD's SHA of the checkout, with ``-dirty`` when tracked files outside ``reports/`` have
+    changes (so a result row never claims a commit it was not produced from; the reports are
+    outputs, rewritten by the very runs that ask); ``$GIT_SHA`` or "unknown" without git."""
     repo = Path(repo) if repo is not None else Path(__file__).resolve().parents[1]
 
     def git(*args: str) -> str | None:
@@ -50,4 +51,5 @@ def git_sha(repo: str | Path | None = None) -> str:
     sha = git("rev-parse", "HEAD")
     if not sha:
         return os.environ.get("GIT_SHA", "unknown")
-    return sha + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)reports")
+    return sha + ("-dirty" if changed else "")
