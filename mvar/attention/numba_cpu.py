@@ -8,10 +8,11 @@ of each query is kept for the backward (FlashAttention's trick: the backward rec
 probabilities as exp(s - lse) instead of storing the [N, kh*kw] matrix).
 
 Backward: one parallel loop over B*heads. Each (batch, head) slice is owned by one thread, so
-dq, dk and dv are accumulated without atomics: per (query, key) pair the kernel recomputes
-s = scale*q.k and dp = do.v once and updates all three gradients (5 length-D vector ops per pair
-instead of 7 for a query pass plus a key pass). MVAR's workloads have B*heads >= 32, which keeps
-two to a few dozen cores busy.
+dq, dk and dv are accumulated without atomics (MVAR's workloads have B*heads >= 32, which keeps
+two to a few dozen cores busy). Within a slice it walks the query rows like the forward, one
+key row at a time: s = scale*q.k and dp = do.v are recomputed once per (query, key) pair,
+dq is a weighted sum of key rows, and dk, dv of a key are gathered over the queries of the row
+whose windows hold it (``inverse_windows``), one accumulation per key and query row.
 
 Memory layout: [B*heads, H, W, D] C-contiguous, so every inner loop runs over D on contiguous
 memory and the kw keys of one window row are adjacent. fp16/bf16 inputs are converted to fp32
@@ -40,7 +41,12 @@ import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
-from mvar.attention._common import compute_dtype, flatten_heads, window_start_array
+from mvar.attention._common import (
+    compute_dtype,
+    flatten_heads,
+    inverse_windows,
+    window_start_array,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -278,17 +284,22 @@ def _forward_kernel(q, k, v, out, lse, row_start, col_start, kh, kw, scale, scra
 
 
 def _slice_backward(
-    q, k, v, out, dout, lse, dq, dk, dv, bh, row_start, col_start, kh, kw, D, scale, s, up
-):
-    # Softmax backward with p_t = exp(s_t - lse) recomputed from the saved logsumexp:
-    #   delta = do . o,  ds_t = p_t (do . v_t - delta),
-    #   dq = scale sum_t ds_t k_t,  dk_t += scale ds_t q,  dv_t += p_t do.
-    # s[up] holds s_t then p_t, s[up + 1] holds do . v_t then ds_t.
+    q, k, v, out, dout, lse, dq, dk, dv, bh, row_start, col_start, col_lo, col_hi,
+    kh, kw, D, scale, s, base,
+):  # fmt: skip
+    """Backward for slice bh, one query row at a time, in passes over one key row at a time
+    (the forward's L1-sized working sets). Softmax backward with p_t = exp(s_t - lse)
+    recomputed from the saved logsumexp:
+      delta = do . o,  ds_t = p_t (do . v_t - delta),
+      dq = scale sum_t ds_t k_t,  dk_t += scale ds_t q,  dv_t += p_t do.
+    s[base + j] holds query j's s_t then p_t; s[base + W + j] its do . v_t then ds_t;
+    s[base + 2W] is spare.
+    """
     _, H, W, _ = q.shape
     nk = kh * kw
+    tmp = base + 2 * W
     zero = q.dtype.type(0.0)
     one = q.dtype.type(1.0)
-    ug = up + 1
     for r in range(H):
         for c in range(W):
             for d in range(D):
@@ -296,36 +307,43 @@ def _slice_backward(
                 dv[bh, r, c, d] = zero
     for i in range(H):
         r0 = row_start[i]
+        for a in range(kh):
+            for j in range(W):
+                c0 = col_start[j]
+                _key_row_dots(q, bh, i, j, k, r0 + a, c0, kw, D, scale, s, base + j, a * kw)
+                _key_row_dots(dout, bh, i, j, v, r0 + a, c0, kw, D, one, s, base + W + j, a * kw)
         for j in range(W):
-            c0 = col_start[j]
+            up = base + j
+            ug = base + W + j
             delta = zero
             for d in range(D):
                 delta += dout[bh, i, j, d] * out[bh, i, j, d]
             L = lse[bh, i, j]
-            for a in range(kh):
-                _key_row_dots(q, bh, i, j, k, r0 + a, c0, kw, D, scale, s, up, a * kw)
-                _key_row_dots(dout, bh, i, j, v, r0 + a, c0, kw, D, one, s, ug, a * kw)
             for t in range(nk):  # vectorised
                 pt = _softmax_exp(s[up, t] - L)
                 s[up, t] = pt
                 s[ug, t] = pt * (s[ug, t] - delta)
             for d in range(D):
                 dq[bh, i, j, d] = zero
-            for a in range(kh):
-                _value_row_sum(s, ug, a * kw, k, bh, r0 + a, c0, kw, D, dq, i, j)
+        for a in range(kh):
+            r = r0 + a
+            for j in range(W):
+                _value_row_sum(s, base + W + j, a * kw, k, bh, r, col_start[j], kw, D, dq, i, j)
+            # dk, dv of key row r from this query row, gathered per key column c over the
+            # queries lo..hi-1 whose windows hold it (weights copied into the spare scratch
+            # row): one accumulation per key instead of one per (query, key) pair.
+            for c in range(W):
+                lo = col_lo[c]
+                n = col_hi[c] - lo
+                for b in range(n):
+                    s[tmp, b] = s[base + W + lo + b, a * kw + c - col_start[lo + b]]
+                _value_row_sum(s, tmp, 0, q, bh, i, lo, n, D, dk, r, c)
+                for b in range(n):
+                    s[tmp, b] = s[base + lo + b, a * kw + c - col_start[lo + b]]
+                _value_row_sum(s, tmp, 0, dout, bh, i, lo, n, D, dv, r, c)
+        for j in range(W):
             for d in range(D):
                 dq[bh, i, j, d] *= scale
-            t = 0
-            for a in range(kh):
-                r = r0 + a
-                for b in range(kw):
-                    c = c0 + b
-                    pt = s[up, t]
-                    dst = s[ug, t]
-                    for d in range(D):
-                        dk[bh, r, c, d] += dst * q[bh, i, j, d]
-                        dv[bh, r, c, d] += pt * dout[bh, i, j, d]
-                    t += 1
     for r in range(H):  # dk collected ds without the scale (one multiply per element)
         for c in range(W):
             for d in range(D):
@@ -333,21 +351,22 @@ def _slice_backward(
 
 
 def _backward_kernel(
-    q, k, v, out, dout, lse, dq, dk, dv, row_start, col_start, kh, kw, scale, scratch
-):
+    q, k, v, out, dout, lse, dq, dk, dv, row_start, col_start, col_lo, col_hi, kh, kw, scale,
+    scratch,
+):  # fmt: skip
     # One (batch, head) slice per parallel iteration, so the scatters into dk, dv never race.
-    BH, _, _, D = q.shape
+    BH, _, W, D = q.shape
     for bh in prange(BH):
-        up = 2 * numba.get_thread_id()
+        base = (2 * W + 1) * numba.get_thread_id()  # this worker's 2W + 1 scratch rows
         if kw == 7 and D == 64:
             _slice_backward(
                 q, k, v, out, dout, lse, dq, dk, dv, bh,
-                row_start, col_start, kh, 7, 64, scale, scratch, up,
+                row_start, col_start, col_lo, col_hi, kh, 7, 64, scale, scratch, base,
             )  # fmt: skip
         else:
             _slice_backward(
                 q, k, v, out, dout, lse, dq, dk, dv, bh,
-                row_start, col_start, kh, kw, D, scale, scratch, up,
+                row_start, col_start, col_lo, col_hi, kh, kw, D, scale, scratch, base,
             )  # fmt: skip
 
 
@@ -427,8 +446,8 @@ def backward_arrays(
     dq, dk, dv = np.empty_like(q), np.empty_like(q), np.empty_like(q)
     _backward_jit(
         q, k, v, out, dout, lse, dq, dk, dv,
-        window_start_array(H, kh), window_start_array(W, kw),
-        kh, kw, q.dtype.type(scale), _scratch(2, kh * kw, q.dtype),
+        window_start_array(H, kh), window_start_array(W, kw), *inverse_windows(W, kw),
+        kh, kw, q.dtype.type(scale), _scratch(2 * W + 1, max(kh * kw, W), q.dtype),
     )  # fmt: skip
     return dq, dk, dv
 
