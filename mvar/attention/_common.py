@@ -18,6 +18,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+from torch.autograd.function import once_differentiable
 
 # dtypes every backend accepts at the API boundary. Integer or complex inputs are a TypeError.
 SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (
@@ -207,6 +208,68 @@ def flatten_heads(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the kernels compute and accumulate in: fp64 stays fp64, everything else fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class FusedKernels(Protocol):
+    """A fused backend's kernel pair on flattened [B*heads, H, W, D] tensors (``flatten_heads``)
+    in its compute dtype; lse is the per-query logsumexp [B*heads, H, W]."""
+
+    def compute_dtype(self, dtype: torch.dtype) -> torch.dtype: ...
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kh: int, kw: int, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def backward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        dout: torch.Tensor,
+        kh: int,
+        kw: int,
+        scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+
+class FusedNA2D(torch.autograd.Function):
+    """The autograd glue of the fused backends (numba, cuda): ``FusedNA2D.apply(kernels, q, k,
+    v, kh, kw, scale)`` flattens the heads into the kernels' layout and compute dtype, saves
+    q, k, v, the output and the logsumexp (the backward recomputes the probabilities from it)
+    and returns results in the input dtype. Not twice differentiable."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        kernels: FusedKernels,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kh: int,
+        kw: int,
+        scale: float,
+    ) -> torch.Tensor:
+        ct = kernels.compute_dtype(q.dtype)
+        q_, k_, v_ = (flatten_heads(t, ct) for t in (q, k, v))
+        out, lse = kernels.forward(q_, k_, v_, kh, kw, scale)
+        ctx.save_for_backward(q_, k_, v_, out, lse)
+        ctx.kernels = kernels
+        ctx.args = (kh, kw, scale)
+        ctx.in_dtype = q.dtype
+        return out.view(q.shape).to(q.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, dout: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        q_, k_, v_, out, lse = ctx.saved_tensors
+        dout_ = flatten_heads(dout, q_.dtype)
+        grads = ctx.kernels.backward(q_, k_, v_, out, lse, dout_, *ctx.args)
+        dq, dk, dv = (g.view(dout.shape).to(ctx.in_dtype) for g in grads)
+        return None, dq, dk, dv, None, None, None
 
 
 # --------------------------------------------------------------------------------------------

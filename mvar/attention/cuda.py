@@ -30,9 +30,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.autograd.function import once_differentiable
 
-from mvar.attention._common import flatten_heads, inverse_windows, window_start_array
+from mvar.attention._common import FusedNA2D, inverse_windows, window_start_array
 
 logger = logging.getLogger(__name__)
 
@@ -440,63 +439,55 @@ def _cai(t: torch.Tensor) -> Any:
     return nb_cuda.as_cuda_array(t.detach(), sync=False)
 
 
-class _NA2DCuda(torch.autograd.Function):
+class _CudaKernels:
+    """The kernel pair for ``FusedNA2D``: torch CUDA tensors, launched on torch's current
+    stream; outputs allocated by torch."""
+
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        kh: int,
-        kw: int,
-        scale: float,
-    ) -> torch.Tensor:
-        H, W = q.shape[2:4]
-        q_, k_, v_ = (flatten_heads(t, torch.float32) for t in (q, k, v))
-        out = torch.empty_like(q_)
-        lse = torch.empty(q_.shape[:3], dtype=torch.float32, device=q.device)
+    def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+        return torch.float32  # the kernels are fp32 only
+
+    @staticmethod
+    def forward(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kh: int, kw: int, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        H, W = q.shape[1:3]
+        out = torch.empty_like(q)
+        lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
         idx, _ = _device_index(H, W, kh, kw, q.device)
         with nb_cuda.gpus[q.device.index or 0]:
             stream = nb_cuda.external_stream(torch.cuda.current_stream(q.device).cuda_stream)
             _launch_forward(
-                _cai(q_), _cai(k_), _cai(v_), _cai(out), _cai(lse),
+                _cai(q), _cai(k), _cai(v), _cai(out), _cai(lse),
                 tuple(_cai(a) for a in idx), kh, kw, scale, stream,
             )  # fmt: skip
-        ctx.save_for_backward(q_, k_, v_, out, lse)
-        ctx.kernel = (kh, kw, scale)
-        ctx.in_dtype = q.dtype
-        return out.view(q.shape).to(q.dtype)
+        return out, lse
 
     @staticmethod
-    @once_differentiable
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, dout: torch.Tensor
-    ) -> tuple[torch.Tensor | None, ...]:
-        q_, k_, v_, out, lse = ctx.saved_tensors
-        kh, kw, scale = ctx.kernel
-        H, W = q_.shape[1:3]
-        shape = dout.shape
-        dout_ = flatten_heads(dout, torch.float32)
-        dq, dk, dv = (torch.empty_like(q_) for _ in range(3))
-        delta = torch.empty(q_.shape[:3], dtype=torch.float32, device=q_.device)
-        idx, inv = _device_index(H, W, kh, kw, q_.device)
-        with nb_cuda.gpus[q_.device.index or 0]:
-            stream = nb_cuda.external_stream(torch.cuda.current_stream(q_.device).cuda_stream)
+    def backward(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        dout: torch.Tensor,
+        kh: int,
+        kw: int,
+        scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        H, W = q.shape[1:3]
+        dq, dk, dv = (torch.empty_like(q) for _ in range(3))
+        delta = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+        idx, inv = _device_index(H, W, kh, kw, q.device)
+        with nb_cuda.gpus[q.device.index or 0]:
+            stream = nb_cuda.external_stream(torch.cuda.current_stream(q.device).cuda_stream)
             _launch_backward(
-                _cai(q_), _cai(k_), _cai(v_), _cai(out), _cai(dout_), _cai(lse),
+                _cai(q), _cai(k), _cai(v), _cai(out), _cai(dout), _cai(lse),
                 _cai(dq), _cai(dk), _cai(dv), _cai(delta),
                 tuple(_cai(a) for a in idx), tuple(_cai(a) for a in inv),
                 kh, kw, scale, stream,
             )  # fmt: skip
-        dt = ctx.in_dtype
-        return (
-            dq.view(shape).to(dt),
-            dk.view(shape).to(dt),
-            dv.view(shape).to(dt),
-            None,
-            None,
-            None,
-        )
+        return dq, dk, dv
 
 
 def forward(
@@ -504,4 +495,4 @@ def forward(
 ) -> torch.Tensor:
     if _IMPORT_ERROR is not None:  # na2d checks first; this guards direct calls
         raise RuntimeError(_IMPORT_ERROR)
-    return _NA2DCuda.apply(q, k, v, kh, kw, scale)
+    return FusedNA2D.apply(_CudaKernels(), q, k, v, kh, kw, scale)

@@ -39,11 +39,10 @@ import math
 
 import numpy as np
 import torch
-from torch.autograd.function import once_differentiable
 
 from mvar.attention._common import (
+    FusedNA2D,
     compute_dtype,
-    flatten_heads,
     inverse_windows,
     window_start_array,
 )
@@ -452,46 +451,38 @@ def backward_arrays(
     return dq, dk, dv
 
 
-class _NA2DNumba(torch.autograd.Function):
-    """Forward and backward kernels behind autograd; saves q, k, v (in the compute dtype), the
-    output and the per-query logsumexp. Not twice differentiable."""
+class _NumbaKernels:
+    """The kernel pair for ``FusedNA2D``: torch CPU tensors in, through numpy views."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
+    def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+        return compute_dtype(dtype)  # fp64 stays fp64 (the gradient checks), else fp32
+
+    @staticmethod
+    def forward(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kh: int, kw: int, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out, lse = forward_arrays(q.numpy(), k.numpy(), v.numpy(), kh, kw, scale)
+        return torch.from_numpy(out), torch.from_numpy(lse)
+
+    @staticmethod
+    def backward(
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        dout: torch.Tensor,
         kh: int,
         kw: int,
         scale: float,
-    ) -> torch.Tensor:
-        B, heads, H, W, D = q.shape
-        ct = compute_dtype(q.dtype)
-        q_, k_, v_ = (flatten_heads(t, ct) for t in (q, k, v))
-        out_np, lse_np = forward_arrays(q_.numpy(), k_.numpy(), v_.numpy(), kh, kw, scale)
-        out, lse = torch.from_numpy(out_np), torch.from_numpy(lse_np)
-        ctx.save_for_backward(q_, k_, v_, out, lse)
-        ctx.kernel = (kh, kw, scale)
-        ctx.in_dtype = q.dtype
-        return out.view(B, heads, H, W, D).to(q.dtype)
-
-    @staticmethod
-    @once_differentiable
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, dout: torch.Tensor
-    ) -> tuple[torch.Tensor | None, ...]:
-        q_, k_, v_, out, lse = ctx.saved_tensors
-        kh, kw, scale = ctx.kernel
-        shape = dout.shape
-        dout_ = flatten_heads(dout, q_.dtype)
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         grads = backward_arrays(
-            q_.numpy(), k_.numpy(), v_.numpy(), out.numpy(), lse.numpy(), dout_.numpy(),
+            q.numpy(), k.numpy(), v.numpy(), out.numpy(), lse.numpy(), dout.numpy(),
             kh, kw, scale,
         )  # fmt: skip
-        dt = ctx.in_dtype
-        dq, dk, dv = (torch.from_numpy(g).view(shape).to(dt) for g in grads)
-        return dq, dk, dv, None, None, None
+        dq, dk, dv = (torch.from_numpy(g) for g in grads)
+        return dq, dk, dv
 
 
 def forward(
@@ -499,4 +490,4 @@ def forward(
 ) -> torch.Tensor:
     if _IMPORT_ERROR is not None:  # na2d checks first; this guards direct calls
         raise RuntimeError(_IMPORT_ERROR)
-    return _NA2DNumba.apply(q, k, v, kh, kw, scale)
+    return FusedNA2D.apply(_NumbaKernels(), q, k, v, kh, kw, scale)
