@@ -13,14 +13,14 @@ swaps the attention pattern). Faithful to FoundationVision/VAR @ 78b9539: the of
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from mvar.blocks import AttendFn, ScaleARTransformer, scale_ids
+from mvar.blocks import AttendFn, ScaleARTransformer
 from mvar.config import ModelConfig
-from mvar.sampling import SampleOutput, sample_scales
+from mvar.sampling import ScaleStep
 
 
 class KVCache:
@@ -52,9 +52,7 @@ class VAR(ScaleARTransformer):
 
     def build_attn_bias(self) -> Tensor:
         # Block-causal: query of scale s sees keys of scales <= s (VAR.md §2.4).
-        d = scale_ids(self.patch_nums)
-        bias = torch.where(d.view(-1, 1) >= d.view(1, -1), 0.0, -torch.inf)
-        return bias.view(1, 1, self.L, self.L)
+        return self.scale_mask(torch.ge)
 
     def forward(self, label_B: Tensor, x_BLCv: Tensor) -> Tensor:
         """Teacher forcing: logits (B, L, V); logit t predicts token t of the pyramid.
@@ -72,24 +70,8 @@ class VAR(ScaleARTransformer):
         h_BLC = self.run_blocks(x_BLC, cond_BD, [attend] * len(self.blocks))
         return self.get_logits(h_BLC, cond_BD)
 
-    @torch.no_grad()
-    def sample(
-        self,
-        vae: torch.nn.Module,
-        label_B: Tensor,
-        *,
-        cfg: float = 1.5,
-        top_k: int = 0,
-        top_p: float = 0.0,
-        g_seed: int | None = None,
-        more_smooth: bool = False,
-        decode: bool = True,
-        record_logits: bool = False,
-    ) -> SampleOutput:
-        """Sample B images of classes ``label_B`` with the KV cache (VAR.md §3).
-
-        Guidance always runs both halves, even at ``cfg == 1.0`` (official behaviour).
-        """
+    def sampling_step(self) -> tuple[ScaleStep, Callable[[], int]]:
+        """Each scale attends to itself and the cached keys/values of earlier scales (VAR.md §3)."""
         cache = KVCache(len(self.blocks))
 
         def cached_attend(layer: int) -> AttendFn:
@@ -104,9 +86,4 @@ class VAR(ScaleARTransformer):
         def step(si: int, x_BlC: Tensor, cond_BD: Tensor) -> Tensor:
             return self.run_blocks(x_BlC, cond_BD, attends)
 
-        out = sample_scales(
-            self, vae, label_B, step, guided=True, cfg=cfg, top_k=top_k, top_p=top_p,
-            g_seed=g_seed, more_smooth=more_smooth, decode=decode, record_logits=record_logits,
-        )  # fmt: skip
-        out.kv_cache_bytes = cache.nbytes()
-        return out
+        return step, cache.nbytes

@@ -23,7 +23,6 @@ from mvar.build import build_model, build_vqvae
 from mvar.config import get_preset
 from mvar.train import token_loss
 
-torch.set_num_threads(max(torch.get_num_threads(), 1))
 BATCH = 8
 
 

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from mvar.attention import na2d
 from mvar.config import ModelConfig
+from mvar.sampling import SampleOutput, ScaleStep, sample_scales
 
 # attend(q_BHlc, k_BHLc, v_BHLc) -> o_BHlc.  q and k arrive l2-normalised, q already multiplied
 # by exp(scale_mul) (cosine attention, VAR.md §2.4).
@@ -211,7 +212,8 @@ def scale_ids(patch_nums: Sequence[int]) -> Tensor:
 class ScaleARTransformer(nn.Module):
     """What VAR and MVAR share. Subclasses set the attention pattern: they implement
     ``build_attn_bias`` (the ``attn_bias_for_masking`` buffer, rebuilt from the geometry on
-    every load — a checkpoint's copy is never trusted, MVAR.md §3), ``forward`` and ``sample``.
+    every load — a checkpoint's copy is never trusted, MVAR.md §3), ``forward`` (teacher
+    forcing) and ``sampling_step`` (one scale's forward while sampling).
     """
 
     #: Whether ``cfg == 1.0`` still runs the unconditional half (VAR) or disables guidance
@@ -256,6 +258,12 @@ class ScaleARTransformer(nn.Module):
     def build_attn_bias(self) -> Tensor:  # (1, 1, L, L) additive 0 / -inf
         raise NotImplementedError
 
+    def scale_mask(self, sees: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+        """(1, 1, L, L) additive mask: 0 where ``sees(query scale, key scale)``, else -inf."""
+        d = scale_ids(self.patch_nums)
+        bias = torch.where(sees(d.view(-1, 1), d.view(1, -1)), 0.0, -torch.inf)
+        return bias.view(1, 1, self.L, self.L)
+
     @staticmethod
     def _rebuild_mask(module: nn.Module, incompatible: Any) -> None:
         # The mask is a function of the geometry; a loaded copy can be wrong (the official
@@ -297,17 +305,47 @@ class ScaleARTransformer(nn.Module):
             parts.append(x + lvl_pos[:, bg:ed])
         return torch.cat(parts, dim=1)
 
-    def condition_blocks(self, cond_BD: Tensor) -> Tensor:
-        return self.shared_ada_lin(cond_BD)
-
     def get_logits(self, h_BlC: Tensor, cond_BD: Tensor) -> Tensor:
         return self.head(self.head_nm(h_BlC.float(), cond_BD).float()).float()
 
     def run_blocks(self, x_BlC: Tensor, cond_BD: Tensor, attends: Sequence[AttendFn]) -> Tensor:
-        cond = self.condition_blocks(cond_BD)
+        cond = self.shared_ada_lin(cond_BD)
         for block, attend in zip(self.blocks, attends, strict=True):
             x_BlC = block(x_BlC, cond, attend)
         return x_BlC
+
+    # -- sampling ---------------------------------------------------------------------------
+    def sampling_step(self) -> tuple[ScaleStep, Callable[[], int]]:
+        """For one sampling call: the forward of one scale's tokens, and a function that gives
+        the bytes of KV cache held at the end (0 without a cache)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def sample(
+        self,
+        vae: nn.Module,
+        label_B: Tensor,
+        *,
+        cfg: float = 1.5,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        g_seed: int | None = None,
+        more_smooth: bool = False,
+        decode: bool = True,
+        record_logits: bool = False,
+    ) -> SampleOutput:
+        """Sample B images of classes ``label_B`` (VAR.md §3, MVAR.md §5). At ``cfg == 1.0``
+        the unconditional half still runs when ``CFG_ONE_RUNS_UNCONDITIONAL`` (VAR); otherwise
+        only the conditional rows run, with no guidance (MVAR), as in the official samplers."""
+        step, kv_cache_bytes = self.sampling_step()
+        out = sample_scales(
+            self, vae, label_B, step,
+            guided=self.CFG_ONE_RUNS_UNCONDITIONAL or cfg != 1.0,
+            cfg=cfg, top_k=top_k, top_p=top_p, g_seed=g_seed, more_smooth=more_smooth,
+            decode=decode, record_logits=record_logits,
+        )  # fmt: skip
+        out.kv_cache_bytes = kv_cache_bytes()
+        return out
 
     # -- initialisation (training from scratch; VAR §2 "Initialisation") --------------------
     @torch.no_grad()

@@ -88,19 +88,23 @@ def _png_files(folder: Path) -> list[Path]:
     return files
 
 
-def count_images(source: Path) -> int:
+def count_images(source: Path, files: list[Path] | None = None) -> int:
+    """Images in a folder or an npz ``arr_0`` (``files``: the folder's listing, if known)."""
     if source.is_dir():
-        return len(_png_files(source))
+        return len(files if files is not None else _png_files(source))
     shape, dtype = npz_array_shape(source, "arr_0")
     if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
         raise ValueError(f"{source}: arr_0 must be uint8 (N, H, W, 3), got {dtype} {shape}")
     return int(shape[0])
 
 
-def iter_images(source: Path, batch: int) -> Iterator[np.ndarray]:
-    """uint8 (b, H, W, 3) batches of a folder or an npz ``arr_0``, in index order."""
+def iter_images(
+    source: Path, batch: int, files: list[Path] | None = None
+) -> Iterator[np.ndarray]:
+    """uint8 (b, H, W, 3) batches of a folder or an npz ``arr_0``, in index order
+    (``files``: the folder's listing, if known)."""
     if source.is_dir():
-        files = _png_files(source)
+        files = files if files is not None else _png_files(source)
         for lo in range(0, len(files), batch):
             imgs = [np.asarray(Image.open(p).convert("RGB")) for p in files[lo : lo + batch]]
             shapes = {im.shape for im in imgs}
@@ -114,13 +118,13 @@ def iter_images(source: Path, batch: int) -> Iterator[np.ndarray]:
         yield from iter_npz_array(source, "arr_0", batch)
 
 
-def source_fingerprint(source: Path) -> str:
+def source_fingerprint(source: Path, files: list[Path] | None = None) -> str:
     """Content id of an image source for the feature cache: the npz's sha256, or for a folder
-    a hash of (name, size, mtime) of every image."""
+    a hash of (name, size, mtime) of every image (``files``: the folder's listing, if known)."""
     if not source.is_dir():
         return sha256_file(source)
     h = hashlib.sha256()
-    for p in _png_files(source):
+    for p in files if files is not None else _png_files(source):
         st = p.stat()
         h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
     return h.hexdigest()
@@ -135,9 +139,10 @@ def extract_source(
 ) -> Features:
     """Inception features of every image of ``source`` (cached when ``cache_dir`` is given;
     ``fingerprint``: its :func:`source_fingerprint` if already known)."""
+    files = _png_files(source) if source.is_dir() else None  # list a 50k folder once
     cache = None
     if cache_dir is not None:
-        fingerprint = fingerprint or source_fingerprint(source)
+        fingerprint = fingerprint or source_fingerprint(source, files)
         key = hashlib.sha256(
             f"{fingerprint}|{extractor.info.sha256}|{extractor.batch_size}".encode()
         ).hexdigest()[:24]
@@ -145,8 +150,10 @@ def extract_source(
         if cache.is_file():
             log.info("features of %s from cache %s", source, cache)
             return Features.load(cache)
-    n = count_images(source)
-    feats = extractor.extract(iter_images(source, extractor.batch_size), total=n, desc=desc)
+    n = count_images(source, files)
+    feats = extractor.extract(
+        iter_images(source, extractor.batch_size, files), total=n, desc=desc
+    )
     if len(feats) != n:
         raise RuntimeError(f"{source}: extracted {len(feats)} feature rows for {n} images")
     if cache is not None:
@@ -314,15 +321,10 @@ def evaluate(
 # --------------------------------------------------------------------------------------------
 
 
-def write_json(result: dict[str, object], path: str | os.PathLike[str]) -> Path:
-    return atomic_write_json(path, result)
-
-
 def append_csv(result: dict[str, object], path: str | os.PathLike[str]) -> Path:
     """Append one row (header written for a new file; a file with another header is refused).
     The whole file is rewritten through a temporary, so a crash never leaves half a row."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
     old = p.read_text() if p.is_file() else ""
     if old:
         header = next(csv.reader(io.StringIO(old)))
@@ -397,7 +399,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         if args.out
         else samples.with_name(samples.name.removesuffix(".npz") + ".eval.json")
     )
-    write_json(result, out)
+    atomic_write_json(out, result)
     append_csv(result, args.csv)
     log.info("wrote %s and a row of %s", out, args.csv)
     return result

@@ -119,6 +119,11 @@ class GenerationSettings:
         """The class-ordered label of every image index."""
         return np.repeat(np.asarray(self.classes, dtype=np.int64), self.per_class)
 
+    def rank_batches(self, rank: int, world: int) -> list[int]:
+        """The batches rank ``rank`` of ``world`` samples: b % world == rank. The batches, their
+        labels and seeds are global, so the images do not depend on the world size."""
+        return list(range(rank, self.num_batches, world))
+
     def batch_range(self, b: int) -> range:
         return range(b * self.batch_size, min((b + 1) * self.batch_size, self.num_images))
 
@@ -225,7 +230,7 @@ def generate_samples(
     _prepare_folder(folder, settings)
     rank, world = dist.get_rank(), dist.get_world_size()
     labels = settings.labels()
-    mine = list(range(rank, settings.num_batches, world))
+    mine = settings.rank_batches(rank, world)
     todo = [
         b for b in mine
         if not all((folder / png_name(i)).is_file() for i in settings.batch_range(b))
@@ -380,10 +385,9 @@ def build_sampler(
     sampling: SamplingConfig,
     device: torch.device | str = "cpu",
     dtype: str = "float32",
-    init_seed: int = 0,
 ) -> ModelSampler:
-    """Load (or random-initialise with ``init_seed``, without ``ckpt``) a model and wrap it as
-    a Sampler. The init seed is fixed, not the sampling seed, so that "random-init" in a folder
+    """Load (or random-initialise with seed 0, without ``ckpt``) a model and wrap it as a
+    Sampler. The init seed is fixed, not the sampling seed, so that "random-init" in a folder
     name always means the same weights.
 
     A missing checkpoint file raises FileNotFoundError naming it, where it was looked for and
@@ -394,7 +398,7 @@ def build_sampler(
     # Resolve both files before building anything, so a typo fails in a second.
     ckpt = resolve_checkpoint(ckpt) if ckpt is not None else None
     vae_ckpt = resolve_checkpoint(vae_ckpt) if vae_ckpt is not None else None
-    vae, net = load_pretrained(model, ckpt, vae_ckpt, device=device, seed=init_seed)
+    vae, net = load_pretrained(model, ckpt, vae_ckpt, device=device, seed=0)
     return ModelSampler(vae.eval(), net.eval(), sampling, dtype)
 
 
@@ -458,10 +462,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
         folder = generate_samples(
             sampler, settings, args.out_dir, max_batches=args.max_batches, device=device
         )
-        finished = all((folder / png_name(i)).is_file() for i in range(settings.num_images))
         if args.npz is not None and dist.is_main():
-            if finished:
-                pack_npz(folder, args.npz or None)
+            if all((folder / png_name(i)).is_file() for i in range(settings.num_images)):
+                pack_npz(folder, args.npz or None, expected=settings.num_images)
             else:
                 log.warning("not packing: %s is incomplete (run again to resume)", folder)
         dist.barrier()

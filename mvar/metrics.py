@@ -21,6 +21,7 @@ EVALUATION.md``) conceptually; the code is our own. Everything is float64:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -28,7 +29,7 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import IO, Literal
 
 import numpy as np
 from scipy import linalg
@@ -317,15 +318,26 @@ def npz_keys(path: str | os.PathLike[str]) -> list[str]:
         return [n[: -len(".npy")] for n in zf.namelist() if n.endswith(".npy")]
 
 
+@contextlib.contextmanager
+def _npy_member(
+    path: str | os.PathLike[str], key: str
+) -> Iterator[tuple[IO[bytes], tuple[int, ...], bool, np.dtype]]:
+    """Member ``key`` of an npz opened at its data: (file, shape, fortran_order, dtype)."""
+    with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
+        version = np.lib.format.read_magic(f)
+        reader = (
+            np.lib.format.read_array_header_1_0
+            if version == (1, 0)
+            else np.lib.format.read_array_header_2_0
+        )
+        shape, fortran, dtype = reader(f)
+        yield f, tuple(shape), fortran, dtype
+
+
 def iter_npz_array(path: str | os.PathLike[str], key: str, batch: int) -> Iterator[np.ndarray]:
     """Yield ``key`` of an npz in row batches without loading the whole array (a 50k x 256 x
     256 x 3 sample file is 9.8 GB; ``np.load`` would read all of it at once)."""
-    with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-        else:
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    with _npy_member(path, key) as (f, shape, fortran, dtype):
         if fortran or dtype.hasobject:
             raise ValueError(
                 f"{path}:{key} is Fortran-ordered or an object array; expected C order"
@@ -338,15 +350,8 @@ def iter_npz_array(path: str | os.PathLike[str], key: str, batch: int) -> Iterat
 
 
 def npz_array_shape(path: str | os.PathLike[str], key: str) -> tuple[tuple[int, ...], np.dtype]:
-    with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
-        version = np.lib.format.read_magic(f)
-        reader = (
-            np.lib.format.read_array_header_1_0
-            if version == (1, 0)
-            else np.lib.format.read_array_header_2_0
-        )
-        shape, _, dtype = reader(f)
-    return tuple(shape), dtype
+    with _npy_member(path, key) as (_, shape, _, dtype):
+        return shape, dtype
 
 
 @dataclass
@@ -381,7 +386,6 @@ def missing_file_error(
 def load_reference(
     path: str | os.PathLike[str],
     require: tuple[str, ...] = (),
-    checksum: bool = True,
 ) -> Reference:
     """Open an ADM reference npz; statistics are loaded, images stay on disk.
 
@@ -409,7 +413,7 @@ def load_reference(
     for a, b in (("mu", "sigma"), ("mu_s", "sigma_s")):
         if (a in keys) != (b in keys):
             raise KeyError(f"reference {p} has {a if a in keys else b!r} without its partner")
-    ref = Reference(path=p, sha256=sha256_file(p) if checksum else "", keys=keys)
+    ref = Reference(path=p, sha256=sha256_file(p), keys=keys)
     with np.load(p) as z:
         for k in ("mu", "sigma", "mu_s", "sigma_s"):
             if k in keys:

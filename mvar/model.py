@@ -19,14 +19,14 @@ Training runs chunks of scales (MVAR.md §3): ``forward(..., scales=range(0, 8))
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
 
-from mvar.blocks import AttendFn, NeighbourhoodAttention, ScaleARTransformer, scale_ids
+from mvar.blocks import AttendFn, NeighbourhoodAttention, ScaleARTransformer
 from mvar.config import ModelConfig
-from mvar.sampling import SampleOutput, sample_scales
+from mvar.sampling import ScaleStep
 
 
 class MVAR(ScaleARTransformer):
@@ -43,9 +43,7 @@ class MVAR(ScaleARTransformer):
     def build_attn_bias(self) -> Tensor:
         # Block-diagonal: a query sees only the keys of its own scale (MVAR.md §1, 110,468
         # finite entries at 256 px against VAR's 286,434).
-        d = scale_ids(self.patch_nums)
-        bias = torch.where(d.view(-1, 1) == d.view(1, -1), 0.0, -torch.inf)
-        return bias.view(1, 1, self.L, self.L)
+        return self.scale_mask(torch.eq)
 
     def _attend_scales(self, scales: Sequence[int]) -> AttendFn:
         """The attention of one chunk: NA on a lone neighbourhood scale, else dense with the
@@ -103,28 +101,11 @@ class MVAR(ScaleARTransformer):
             logits.append(self.get_logits(h_BlC, cond_BD))
         return torch.cat(logits, dim=1)
 
-    @torch.no_grad()
-    def sample(
-        self,
-        vae: torch.nn.Module,
-        label_B: Tensor,
-        *,
-        cfg: float = 1.5,
-        top_k: int = 0,
-        top_p: float = 0.0,
-        g_seed: int | None = None,
-        more_smooth: bool = False,
-        decode: bool = True,
-        record_logits: bool = False,
-    ) -> SampleOutput:
-        """Sample B images of classes ``label_B``; each scale is one independent forward of its
-        own 2B·pn² tokens (B at cfg 1.0, which means no guidance here, as officially)."""
+    def sampling_step(self) -> tuple[ScaleStep, Callable[[], int]]:
+        """Each scale is one independent forward of its own tokens (no KV cache)."""
 
         def step(si: int, x_BlC: Tensor, cond_BD: Tensor) -> Tensor:
             attend = self._attend_scales([si])
             return self.run_blocks(x_BlC, cond_BD, [attend] * len(self.blocks))
 
-        return sample_scales(
-            self, vae, label_B, step, guided=cfg != 1.0, cfg=cfg, top_k=top_k, top_p=top_p,
-            g_seed=g_seed, more_smooth=more_smooth, decode=decode, record_logits=record_logits,
-        )  # fmt: skip
+        return step, lambda: 0

@@ -120,7 +120,7 @@ def token_loss(model: nn.Module, vae: nn.Module, idx_Bl: list[Tensor], label_B: 
 
 def _device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device(f"cuda:{dist.local_rank()}" if torch.cuda.is_available() else "cpu")
+        return dist.default_device()
     return torch.device(name)
 
 

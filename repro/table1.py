@@ -36,9 +36,10 @@ Paper numbers come from ``repro.paper`` (``TABLE1``).
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +49,7 @@ import torch
 from mvar import dist, inception
 from mvar.checkpoint import DOWNLOADS as CHECKPOINT_DOWNLOADS
 from mvar.data import SyntheticShapes
-from mvar.evaluate import evaluate, write_json
+from mvar.evaluate import evaluate
 from mvar.generate import (
     GenerationSettings,
     build_sampler,
@@ -57,7 +58,7 @@ from mvar.generate import (
     sampling_for,
     to_uint8,
 )
-from mvar.io import atomic_path
+from mvar.io import atomic_path, atomic_write_json
 from mvar.metrics import REFERENCE_ENV, REFERENCE_URL, feature_statistics
 from repro import paper
 from repro.report import (
@@ -156,25 +157,29 @@ def _find_reference(path: str | None) -> tuple[Path | None, str]:
 # --------------------------------------------------------------------------------------------
 
 
-def _result_rows(
-    env, table: str, model: str, result: dict, batch: int, embedded: bool
+def _model_rows(
+    env, table: str, model: str, run: Callable[[], dict | None], batch: int
 ) -> list[ResultRow]:  # type: ignore[no-untyped-def]
+    """Rows of one model: ``run()`` generates and scores it (None on ranks other than 0); an
+    exception becomes one "not measured: error: ..." row per metric instead of aborting the
+    table. Paper values come from ``repro.paper`` under ``table`` (none for the toy table)."""
+    try:
+        result = run()
+    except Exception as e:
+        log.exception("%s failed", model)
+        return [not_measured(env, table, model, m, f"error: {type(e).__name__}: {e}",
+                             batch=batch) for m in METRICS]  # fmt: skip
+    if result is None:
+        return []
     rows = []
     for metric in METRICS:
         key, status_key = RESULT_KEYS[metric]
         value, status = result.get(key), str(result.get(status_key, "ok"))
         if value is None or status != "ok":
-            rows.append(not_measured(env, table, model, metric, status, batch=batch,
-                                     paper_table="table1"))  # fmt: skip
-            continue
-        rows.append(
-            make_row(
-                env, table, model, metric, float(value), method="measured", batch=batch,
-                # Toy rows are not the paper's setting: no paper value, so no ratio either.
-                paper_value=None if embedded else paper.paper_value("table1", model, metric),
-                status="ok",
-            )
-        )  # fmt: skip
+            rows.append(not_measured(env, table, model, metric, status, batch=batch))
+        else:
+            rows.append(make_row(env, table, model, metric, float(value), method="measured",
+                                 batch=batch, status="ok"))  # fmt: skip
     return rows
 
 
@@ -211,7 +216,7 @@ def run_model(
         return None
     npz = folder.with_name(folder.name + ".npz")
     if not npz.is_file():
-        pack_npz(folder, npz)
+        pack_npz(folder, npz, expected=settings.num_images)
     result = evaluate(
         npz, reference, inception_weights=weights, device=device, batch_size=cfg.eval_batch,
         extractor_label=extractor_label, fid_method=cfg.fid_method,  # type: ignore[arg-type]
@@ -219,7 +224,7 @@ def run_model(
         cache_dir=work_dir / "features",
     )  # fmt: skip
     result["generation"] = settings.to_json()
-    write_json(result, work_dir / f"{name}.eval.json")
+    atomic_write_json(work_dir / f"{name}.eval.json", result)
     return result
 
 
@@ -249,16 +254,12 @@ def paper_scale_rows(
                 not_measured(env, "table1", name, m, reason, batch=cfg.batch_size) for m in METRICS
             ]
             continue
-        try:
-            result = run_model(name, name, ckpt, vae, reference, weights, cfg,  # type: ignore[arg-type]
-                               Path(args.work_dir), device, None)  # fmt: skip
-        except Exception as e:
-            log.exception("%s failed", name)
-            rows += [not_measured(env, "table1", name, m, f"error: {type(e).__name__}: {e}",
-                                  batch=cfg.batch_size) for m in METRICS]  # fmt: skip
-            continue
-        if result is not None:
-            rows += _result_rows(env, "table1", name, result, cfg.batch_size, embedded=False)
+        rows += _model_rows(
+            env, "table1", name,
+            functools.partial(run_model, name, name, ckpt, vae, reference, weights, cfg,  # type: ignore[arg-type]
+                              Path(args.work_dir), device, None),
+            cfg.batch_size,
+        )  # fmt: skip
     return rows
 
 
@@ -324,20 +325,15 @@ def embedded_rows(
     dist.barrier()
     rows: list[ResultRow] = []
     for name, preset in EMBEDDED_MODELS:
-        try:
+
+        def run(name: str = name, preset: str = preset) -> dict | None:
             ckpt = None
             if args.train_steps:
                 ckpt = train_tiny(preset, args.train_steps, cfg.num_classes, work, device)
-            result = run_model(
-                name, preset, ckpt, None, reference, weights, cfg, work, device, label
-            )
-        except Exception as e:
-            log.exception("%s failed", preset)
-            rows += [not_measured(env, EMBEDDED_TABLE, preset, m, f"error: {type(e).__name__}: {e}",
-                                  batch=cfg.batch_size) for m in METRICS]  # fmt: skip
-            continue
-        if result is not None:
-            rows += _result_rows(env, EMBEDDED_TABLE, preset, result, cfg.batch_size, embedded=True)
+            return run_model(name, preset, ckpt, None, reference, weights, cfg, work, device,
+                             label)  # fmt: skip
+
+        rows += _model_rows(env, EMBEDDED_TABLE, preset, run, cfg.batch_size)
     return rows
 
 

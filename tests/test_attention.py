@@ -34,12 +34,12 @@ from mvar.attention import (
     tolerance,
     window_starts,
 )
+from tests.conftest import REPO_ROOT
 
 CPU = torch.device("cpu")
 FAST_BACKENDS = ("dense", "flex", "numba")  # the CPU backends checked against the reference
 GRAD_BACKENDS = ("dense", "numba")  # ... of which these have a backward on CPU
 ALL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _skip_unless_runnable(name: str, requires_grad: bool = False) -> None:
@@ -460,14 +460,14 @@ def test_bad_input_raises_clear_errors(args, kwargs, exc, match) -> None:
 
 
 def _run_simulator_check() -> tuple[subprocess.CompletedProcess, list[dict]]:
-    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "PYTHONPATH": str(REPO_ROOT)}
     proc = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "cudasim_na2d_check.py")],
+        [sys.executable, str(REPO_ROOT / "tests" / "cudasim_na2d_check.py")],
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
-        cwd=REPO,
+        cwd=REPO_ROOT,
         check=False,
     )
     return proc, [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
@@ -498,7 +498,7 @@ def test_cuda_kernels_under_simulator() -> None:
 def test_bench_csv_rows_carry_status_and_ratio_vs_dense(tmp_path: Path) -> None:
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench_to_csv", REPO / "bench" / "to_csv.py")
+    spec = importlib.util.spec_from_file_location("bench_to_csv", REPO_ROOT / "bench" / "to_csv.py")
     to_csv = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(to_csv)
     params = {"workload": "16x16", "B": 64, "heads": 16, "H": 16, "W": 16, "D": 64, "k": 7}

@@ -49,7 +49,7 @@ def test_every_official_layout_loads(
     assert torch.isfinite(got["attn_bias_for_masking"]).sum() == expected_finite
 
 
-def test_wrong_shapes_name_keys_and_file(tmp_path: Path, var_sd: dict) -> None:
+def test_wrong_shapes_name_keys_and_file(tmp_path: Path) -> None:
     path = tmp_path / "other-geometry.pth"
     torch.manual_seed(0)
     torch.save(build_model("var-tiny-512").state_dict(), path)

@@ -36,8 +36,7 @@ from mvar.inception import (
     InceptionExtractor,
 )
 from mvar.metrics import REFERENCE_URL, feature_statistics
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO_ROOT
 
 
 def tiny_settings(**kw: object) -> GenerationSettings:
@@ -101,7 +100,7 @@ def test_global_partition_is_independent_of_world_size() -> None:
     covered = [i for b in range(s.num_batches) for i in s.batch_range(b)]
     assert covered == list(range(15))
     for world in (1, 2, 3):
-        per_rank = [list(range(r, s.num_batches, world)) for r in range(world)]
+        per_rank = [s.rank_batches(r, world) for r in range(world)]
         assert sorted(b for bs in per_rank for b in bs) == list(range(s.num_batches))
     assert [s.g_seed(b) for b in range(4)] == [0, 1, 2, 3]
     fixed = dataclasses.replace(s, seed=9, seed_mode="fixed")
@@ -283,7 +282,6 @@ def test_missing_reference_error(tmp_path: Path, random_inception: Path) -> None
 
 
 def test_missing_checkpoint_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("mvar.checkpoint")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError) as e:
         gen.build_sampler(
@@ -318,7 +316,6 @@ def _free_port() -> int:
 def test_pipeline_one_vs_two_processes_and_resume(
     tmp_path: Path, random_inception: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    pytest.importorskip("mvar.checkpoint")
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
     # 2 classes x 3 = 6 images, batches of 4 + 2 (a short last batch).
@@ -343,7 +340,7 @@ def test_pipeline_one_vs_two_processes_and_resume(
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
            "-m", "mvar.generate", *args, "--out-dir", str(tmp_path / "two"), "--npz"]  # fmt: skip
     run = subprocess.run(
-        cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600, check=False
+        cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "rank 1/2" in run.stderr

@@ -454,9 +454,7 @@ def backward_arrays(
 class _NumbaKernels:
     """The kernel pair for ``FusedNA2D``: torch CPU tensors in, through numpy views."""
 
-    @staticmethod
-    def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-        return compute_dtype(dtype)  # fp64 stays fp64 (the gradient checks), else fp32
+    compute_dtype = staticmethod(compute_dtype)  # fp64 stays fp64 (the gradient checks)
 
     @staticmethod
     def forward(
