@@ -39,25 +39,27 @@ def repro_table1(session: nox.Session) -> None:
                 *(session.posargs or ["--embedded", "--train-steps", "200"]))  # fmt: skip
 
 
+def _repro(session: nox.Session, module: str) -> None:
+    _install(session)
+    session.run("python", "-m", f"repro.{module}", "--out", "reports", *session.posargs)
+
+
 @nox.session
 def repro_table2(session: nox.Session) -> None:
     """Table 2 compute columns: FLOPs, KV cache, memory, latency, training step."""
-    _install(session)
-    session.run("python", "-m", "repro.table2", "--out", "reports", *session.posargs)
+    _repro(session, "table2")
 
 
 @nox.session
 def repro_ablation(session: nox.Session) -> None:
     """The ablation: VAR, + scale-Markov, + spatial-Markov (MVAR), d16."""
-    _install(session)
-    session.run("python", "-m", "repro.ablation", "--out", "reports", *session.posargs)
+    _repro(session, "ablation")
 
 
 @nox.session
 def repro_figures(session: nox.Session) -> None:
     """Figures drawn from the report CSVs, plus a sample grid and a per-scale progression."""
-    _install(session)
-    session.run("python", "-m", "repro.figures", "--out", "reports", *session.posargs)
+    _repro(session, "figures")
 
 
 @nox.session

@@ -1,7 +1,6 @@
 """pytest configuration shared by the benchmarks in ``bench/``.
 
-- ``pytest bench`` collects the ``bench_*.py`` files (pytest's default file pattern is
-  ``test_*.py``; a file named on the command line is collected either way).
+- ``pytest bench`` collects the ``bench_*.py`` files (``python_files`` in pyproject.toml).
 - The ``record_skip`` fixture skips a benchmark *and* keeps a row for it: the parameters and
   the status (``skipped: <reason>`` or ``oom``) go into the pytest-benchmark JSON under
   ``"skipped"``, so ``bench/to_csv.py`` writes a CSV row for every cell of the grid, measured
@@ -12,7 +11,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,16 +18,6 @@ import pytest
 from mvar.env import git_sha
 
 _SKIPS = pytest.StashKey[list]()
-
-
-def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Module | None:
-    if (
-        file_path.suffix == ".py"
-        and file_path.name.startswith("bench_")
-        and not parent.session.isinitpath(file_path)  # named explicitly: collected already
-    ):
-        return pytest.Module.from_parent(parent, path=file_path)
-    return None
 
 
 def pytest_configure(config: pytest.Config) -> None:

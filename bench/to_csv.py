@@ -24,6 +24,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from mvar.io import atomic_path
+
 logger = logging.getLogger(__name__)
 
 LEADING_COLUMNS = (
@@ -80,12 +82,10 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     present = {k for row in rows for k in row}
     columns = [c for c in LEADING_COLUMNS if c in present]
     columns += sorted(present - set(columns))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, restval="")
         writer.writeheader()
-        for row in rows:
-            writer.writerow({c: row.get(c, "") for c in columns})
+        writer.writerows(rows)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -112,14 +112,10 @@ def extract_transformer_state_dict(obj: Any, source: str) -> dict[str, Tensor]:
     """The transformer state dict inside any of the accepted layouts (module docstring)."""
     candidates: list[tuple[str, Any]] = [("<top level>", obj)]
     if isinstance(obj, Mapping):
-        for key in ("mvar_wo_ddp", "var_wo_ddp"):
-            if key in obj:
-                candidates.append((key, obj[key]))
-        trainer = obj.get("trainer")
-        if isinstance(trainer, Mapping):
-            for key in ("mvar_wo_ddp", "var_wo_ddp"):
-                if key in trainer:
-                    candidates.append((f"trainer.{key}", trainer[key]))
+        for prefix, holder in (("", obj), ("trainer.", obj.get("trainer"))):
+            if isinstance(holder, Mapping):
+                candidates += [(prefix + k, holder[k]) for k in ("mvar_wo_ddp", "var_wo_ddp")
+                               if k in holder]  # fmt: skip
     for where, cand in reversed(candidates):
         if _is_state_dict(cand):
             sd = dict(cand)
@@ -138,7 +134,7 @@ def extract_transformer_state_dict(obj: Any, source: str) -> dict[str, Tensor]:
 def load_transformer_state_dict(
     model: nn.Module, sd: Mapping[str, Tensor], source: str = "<state dict>"
 ) -> None:
-    """Strict load with a complete report. MVAR rebuilds its own attention mask afterwards
+    """Strict load with a complete report. The model rebuilds its attention mask afterwards
     (any loaded ``attn_bias_for_masking`` values are ignored, MVAR.md §3)."""
     problems = state_dict_mismatch(model, sd)
     if problems:

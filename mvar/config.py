@@ -70,14 +70,13 @@ class ModelConfig:
             raise ValueError(
                 f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}"
             )
-        if self.arch == "mvar" and self.spatial_markov:
-            for si, pn in enumerate(self.patch_nums):
-                if si >= self.refine_step and self.kernel_size > pn:
-                    raise ValueError(
-                        f"neighbourhood kernel {self.kernel_size} is larger than the {pn}x{pn} "
-                        f"token map of scale {si} (refine_step {self.refine_step}); expected "
-                        f"kernel_size <= {pn} or a larger refine_step"
-                    )
+        for si, pn in enumerate(self.patch_nums):
+            if self.uses_neighbourhood(si) and self.kernel_size > pn:
+                raise ValueError(
+                    f"neighbourhood kernel {self.kernel_size} is larger than the {pn}x{pn} "
+                    f"token map of scale {si} (refine_step {self.refine_step}); expected "
+                    f"kernel_size <= {pn} or a larger refine_step"
+                )
 
     # Geometry, derived from the VQ-VAE so nothing hard-codes 256 px / 680 tokens / 10 scales.
     @property
@@ -194,6 +193,20 @@ SAMPLING_PRESETS: dict[str, SamplingConfig] = {
     "mvar-finetune-d20": SamplingConfig(1.5, 900, 0.96),
     "mvar-finetune-d24": SamplingConfig(1.4, 900, 0.96),
 }
+
+
+def sampling_for(model: str, cfg: float | None, top_k: int | None, top_p: float | None,
+                 more_smooth: bool = False) -> SamplingConfig:  # fmt: skip
+    """Official settings for a released checkpoint name, else VAR's FID defaults (VAR §3);
+    explicit values override either."""
+    base = SAMPLING_PRESETS.get(model, SamplingConfig())
+    return SamplingConfig(
+        cfg=base.cfg if cfg is None else cfg,
+        top_k=base.top_k if top_k is None else top_k,
+        top_p=base.top_p if top_p is None else top_p,
+        more_smooth=more_smooth,
+    )
+
 
 # Which model preset each released checkpoint name uses.
 CHECKPOINT_PRESETS: dict[str, str] = {

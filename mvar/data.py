@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,11 +144,9 @@ class TokenCache:
 
 
 @torch.no_grad()
-def encode_dataset(
-    vae: torch.nn.Module, data: Dataset, batch_size: int = 32, indices: Sequence[int] | None = None
-) -> TokenCache:
+def encode_dataset(vae: torch.nn.Module, data: Dataset, batch_size: int = 32) -> TokenCache:
     """Tokenise ``data`` once with the frozen VQ-VAE (tqdm progress)."""
-    order = list(range(len(data))) if indices is None else list(indices)  # type: ignore[arg-type]
+    order = range(len(data))  # type: ignore[arg-type]
     device = next(vae.parameters()).device
     per_scale: list[list[Tensor]] = []
     labels: list[int] = []

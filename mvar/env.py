@@ -11,16 +11,14 @@ import torch
 
 
 def _cpu_name() -> str:
+    name = None
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-            else:
-                name = platform.processor() or platform.machine()
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
+                        None)  # fmt: skip
     except OSError:
-        name = platform.processor() or platform.machine()
+        pass
+    name = name or platform.processor() or platform.machine()
     return f"cpu: {name} ({os.cpu_count()} cores)"
 
 

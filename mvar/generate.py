@@ -48,7 +48,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from mvar import dist
-from mvar.config import CHECKPOINT_PRESETS, SAMPLING_PRESETS, SamplingConfig
+from mvar.config import CHECKPOINT_PRESETS, SamplingConfig, sampling_for
 from mvar.io import atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -363,19 +363,6 @@ class ModelSampler:
                 more_smooth=s.more_smooth,
             )  # fmt: skip
         return out.img01.float()
-
-
-def sampling_for(model: str, cfg: float | None, top_k: int | None, top_p: float | None,
-                 more_smooth: bool = False) -> SamplingConfig:  # fmt: skip
-    """Official settings for a released checkpoint name, else VAR's FID defaults (VAR §3);
-    explicit values override either."""
-    base = SAMPLING_PRESETS.get(model, SamplingConfig())
-    return SamplingConfig(
-        cfg=base.cfg if cfg is None else cfg,
-        top_k=base.top_k if top_k is None else top_k,
-        top_p=base.top_p if top_p is None else top_p,
-        more_smooth=more_smooth,
-    )
 
 
 def build_sampler(

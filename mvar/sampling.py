@@ -21,7 +21,7 @@ scale one ``multinomial(softmax(filtered), 1, replacement=True)`` over the B·pn
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -40,7 +40,6 @@ class SampleOutput:
     guided: bool  # whether an unconditional half ran and was mixed in
     guided_logits: list[Tensor] | None = None  # per scale (B, pn*pn, V), before filtering
     kv_cache_bytes: int = 0  # bytes held by the KV cache at the end (VAR); 0 for MVAR
-    extras: dict[str, object] = field(default_factory=dict)
 
 
 def top_k_top_p_filter_(logits_BlV: Tensor, top_k: int = 0, top_p: float = 0.0) -> Tensor:

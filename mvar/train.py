@@ -119,9 +119,7 @@ def token_loss(model: nn.Module, vae: nn.Module, idx_Bl: list[Tensor], label_B: 
 
 
 def _device(name: str) -> torch.device:
-    if name == "auto":
-        return dist.default_device()
-    return torch.device(name)
+    return dist.default_device() if name == "auto" else torch.device(name)
 
 
 def _load_tokens(cfg: TrainConfig, vae: nn.Module) -> TokenCache:
@@ -186,17 +184,17 @@ def train(cfg: TrainConfig) -> Path:
     amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.amp)
 
     def save(step: int) -> Path:
-        state = {
-            "trainer": {
-                f"{mcfg.arch}_wo_ddp": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scaler": scaler.state_dict(),
-                "step": step,
-            },
-            "history": history,
-            "args": dataclasses.asdict(cfg),
-        }
         if rank == 0:
+            state = {
+                "trainer": {
+                    f"{mcfg.arch}_wo_ddp": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "step": step,
+                },
+                "history": history,
+                "args": dataclasses.asdict(cfg),
+            }
             atomic_torch_save(state, last)
             lines = ["step,chunk,loss,lr,seconds"] + [
                 f"{h['step']},{h['chunk']},{h['loss']:.6f},{h['lr']:.3e},{h['seconds']:.4f}"
@@ -206,14 +204,11 @@ def train(cfg: TrainConfig) -> Path:
         dist.barrier()
         return last
 
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train {mcfg.name}",
+    # This process runs steps start .. end-1; stop_after ends it early (resumable).
+    end = cfg.steps if cfg.stop_after is None else min(cfg.steps, start + cfg.stop_after)
+    bar = tqdm(range(start, end), initial=start, total=cfg.steps, desc=f"train {mcfg.name}",
                disable=rank != 0)  # fmt: skip
     for step in bar:
-        if cfg.stop_after is not None and step >= start + cfg.stop_after:
-            logger.info("stopping after %d steps as asked; rerun to resume", cfg.stop_after)
-            path = save(step)
-            dist.destroy()
-            return path
         chunk = chunks[step % len(chunks)]
         # Everything random in step g (batch rows, label dropout, drop-path) derives from
         # (seed, g, rank), so a resumed run repeats the uninterrupted one exactly.
@@ -241,9 +236,11 @@ def train(cfg: TrainConfig) -> Path:
                         "loss": loss_value, "lr": lr, "seconds": time.perf_counter() - t0})  # fmt: skip
         if step % cfg.log_every == 0:
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-        if (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.steps:
+        if (step + 1) % cfg.ckpt_every == 0 and step + 1 < end:
             save(step + 1)
-    path = save(cfg.steps)
+    if end < cfg.steps:
+        logger.info("stopping after %d steps as asked; rerun to resume", end - start)
+    path = save(end)
     dist.destroy()
     return path
 

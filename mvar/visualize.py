@@ -20,7 +20,7 @@ from PIL import Image
 from torch import Tensor
 
 from mvar.checkpoint import load_pretrained
-from mvar.config import CHECKPOINT_PRESETS, get_preset, get_sampling_preset
+from mvar.config import sampling_for
 from mvar.io import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -81,13 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> list[Path]:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    preset = CHECKPOINT_PRESETS.get(args.model, args.model)
-    get_preset(preset)  # unknown names fail here, listing the valid ones
-    defaults = get_sampling_preset(args.model) if args.model in CHECKPOINT_PRESETS else None
-    cfg = args.cfg if args.cfg is not None else (defaults.cfg if defaults else 1.5)
-    top_k = args.top_k if args.top_k is not None else (defaults.top_k if defaults else 900)
-    top_p = args.top_p if args.top_p is not None else (defaults.top_p if defaults else 0.96)
-
+    sampling = sampling_for(args.model, args.cfg, args.top_k, args.top_p, args.more_smooth)
+    cfg, top_k, top_p = sampling.cfg, sampling.top_k, sampling.top_p
     vae, model = load_pretrained(args.model, args.ckpt, args.vae_ckpt, device=args.device,
                                  seed=args.seed)  # fmt: skip
     classes = [int(c) for c in args.classes.split(",") if c.strip()]

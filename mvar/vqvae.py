@@ -312,7 +312,6 @@ class MultiScaleQuantizer(nn.Module):
             # The official code replaces φ by an identity without parameters in this case.
             raise ValueError(f"quant_resi must be non-zero, got {cfg.quant_resi}")
         self.patch_nums = tuple(cfg.patch_nums)
-        self.vocab_size = cfg.vocab_size
         self.Cvae = cfg.Cvae
         self.phi_index = phi_indices(len(self.patch_nums), cfg.share_quant_resi)
         self.register_buffer("ema_vocab_hit_SV", torch.zeros(len(self.patch_nums), cfg.vocab_size))
@@ -390,9 +389,7 @@ class MultiScaleQuantizer(nn.Module):
         fhat = torch.zeros(B, self.Cvae, N, N, dtype=torch.float32, device=idx_Bl[0].device)
         rows: list[Tensor] = []
         for si in range(S - 1):
-            h_BCvNN = self.phi(si)(self._up(self.embed(idx_Bl[si], self.patch_nums[si])))
-            fhat = fhat + h_BCvNN
-            nxt = self._down(fhat, self.patch_nums[si + 1])
+            fhat, nxt = self.next_ar_input(si, fhat, self.embed(idx_Bl[si], self.patch_nums[si]))
             rows.append(nxt.reshape(B, self.Cvae, -1).transpose(1, 2))
         return torch.cat(rows, dim=1)
 

@@ -20,7 +20,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from repro.report import plot_memory_vs_batch, read_csv
+from repro.report import plot_memory_vs_batch, read_csv, save_figure
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +53,7 @@ def plot_attention_gflops(csvs: Sequence[Path], png: Path) -> Path:
     ax.set_ylabel("")
     ax.set_title("Attention compute, counted on the real models vs the paper")
     fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=150)
-    plt.close(fig)
-    return png
+    return save_figure(fig, png)
 
 
 def plot_na2d_speed(csv: Path, png: Path) -> Path:
@@ -81,10 +78,7 @@ def plot_na2d_speed(csv: Path, png: Path) -> Path:
     device = ", ".join(sorted(set(df.device.astype(str))))
     ax.set_title(f"2-D neighbourhood attention, k=7, 16 heads, D=64, fp32 ({device})")
     fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=150)
-    plt.close(fig)
-    return png
+    return save_figure(fig, png)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -213,13 +213,6 @@ POSTER: list[PaperValue] = [
     PaperValue("poster", "var-d24", "inference_memory", 40971, "MiB", SRC_POSTER, 64),
     PaperValue("poster", "mvar-finetune-d24", "inference_memory_ratio", 4.2, "x", SRC_POSTER, 64),
 ]
-# The motivation figure (panel c) has no printed numbers; this is what it plots.
-FIGURE_MEMORY_VS_BATCH = {
-    "source": "MVAR paper, motivation figure, panel c",
-    "models": ("var-d16", "var-d20", "var-d24", "mvar-d16", "mvar-d20", "mvar-d24"),
-    "batches": (1, 2, 4, 8, 16, 32, 64, 128),
-    "axes": "batch size on the y axis (log2), inference memory on the x axis",
-}
 
 # --- Official MVAR model zoo -----------------------------------------------------------------
 _ZOO_METRICS = ("fid", "is", "sfid", "precision", "recall")

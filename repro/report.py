@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from mvar.env import device_name, git_sha
-from mvar.io import atomic_path
+from mvar.io import atomic_path, atomic_write
 from repro import paper
 
 log = logging.getLogger(__name__)
@@ -293,14 +293,21 @@ def write_markdown(
         out += [f"## {heading}", "", markdown_table(part), ""]
     if notes:
         out += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
-    md_path = Path(md_path)
-    md_path.parent.mkdir(parents=True, exist_ok=True)
-    md_path.write_text("\n".join(out))
+    md_path = atomic_write(md_path, lambda tmp: tmp.write_text("\n".join(out)))
     log.info("wrote %s", md_path)
     return md_path
 
 
 # --- plots (from CSV files only) -------------------------------------------------------------
+def save_figure(fig: object, png_path: str | Path) -> Path:
+    """Write a matplotlib figure as a PNG atomically (150 dpi) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = atomic_write(png_path, lambda tmp: fig.savefig(tmp, dpi=150, format="png"))  # type: ignore[attr-defined]
+    plt.close(fig)  # type: ignore[arg-type]
+    return path
+
+
 def plot_memory_vs_batch(
     csv_path: str | Path,
     png_path: str | Path,
@@ -363,9 +370,6 @@ def plot_memory_vs_batch(
     ax.set_title(title or f"Inference memory vs batch size ({methods})")
     ax.legend(title=None, loc="upper left", ncols=2, fontsize=9, framealpha=0.9)
     fig.tight_layout()
-    png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path, dpi=150)
-    plt.close(fig)
+    png_path = save_figure(fig, png_path)
     log.info("wrote %s", png_path)
     return png_path

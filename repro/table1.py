@@ -48,6 +48,7 @@ import torch
 
 from mvar import dist, inception
 from mvar.checkpoint import DOWNLOADS as CHECKPOINT_DOWNLOADS
+from mvar.config import sampling_for
 from mvar.data import SyntheticShapes
 from mvar.evaluate import evaluate
 from mvar.generate import (
@@ -55,7 +56,6 @@ from mvar.generate import (
     build_sampler,
     generate_samples,
     pack_npz,
-    sampling_for,
     to_uint8,
 )
 from mvar.io import atomic_path, atomic_write_json
