@@ -21,7 +21,7 @@ import torch
 
 from mvar.build import build_model, build_vqvae
 from mvar.config import get_preset
-from mvar.train import token_loss
+from mvar.train import iteration_chunks, token_loss
 
 BATCH = 8
 
@@ -63,7 +63,7 @@ def test_train_step(benchmark, vae: torch.nn.Module, preset: str) -> None:
     model = build_model(preset).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     idx_Bl, label = _tokens(vae, BATCH), torch.arange(BATCH)
-    chunks = model.chunks(range(len(model.patch_nums))) if preset.startswith("mvar") else [None]
+    chunks = iteration_chunks(model)
     state = {"i": 0}
     _info(benchmark, preset, "train_step")
     benchmark.extra_info["chunks"] = str(chunks)

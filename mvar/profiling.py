@@ -34,7 +34,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -55,8 +55,6 @@ MiB = 2**20
 # The CUDA caching allocator hands out blocks in multiples of 512 bytes, and
 # ``max_memory_allocated`` counts those block sizes; the estimate rounds the same way.
 CUDA_BLOCK_BYTES = 512
-# MVAR training chunks (MVAR.md §3): scales 0..7 packed, then 8 alone, then 9 alone (256 px).
-PAPER_TRAIN_CHUNKS: tuple[tuple[int, ...], ...] = (tuple(range(8)), (8,), (9,))
 
 
 def _config(cfg: ModelConfig | str) -> ModelConfig:
@@ -281,13 +279,6 @@ class LiveBytesTracker(TorchDispatchMode):
             if t is not None:
                 self._add(t, category)
         return self.current - before
-
-    def live_bytes(self, category: str | None = None) -> int:
-        return self.current if category is None else self.by_category.get(category, 0)
-
-    def reset_peak(self) -> None:
-        self.peak = self.current
-        self.peak_by_category = dict(self.by_category)
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -515,14 +506,11 @@ FAKE_NA_BACKEND = "dense"
 @dataclass
 class FakeModels:
     """A transformer and VQ-VAE whose tensors are fake (``FakeTensorMode``, device cpu);
-    run them inside :meth:`scope`."""
+    run them inside ``fake_mode``."""
 
     fake_mode: Any
     model: nn.Module
     vae: nn.Module
-
-    def scope(self) -> Any:
-        return self.fake_mode
 
 
 def build_fake(
@@ -578,26 +566,18 @@ def count_sampling(
     guidance: float = 1.5,
     top_k: int = 900,
     top_p: float = 0.96,
-    fake: bool = True,
     models: FakeModels | None = None,
 ) -> SamplingCount:
-    """Run the real sampler (no decode) with :class:`AttentionCounter` hooks and read the KV
-    cache bytes off its tensors. ``fake=True`` runs it under ``FakeTensorMode`` (paper sizes
-    in about a second); ``fake=False`` builds a real randomly initialised model on the CPU
-    (tiny presets). Guidance runs 2B rows; each call's count is divided by its rows."""
+    """Run the real sampler (no decode) under ``FakeTensorMode`` (paper sizes in about a
+    second) with :class:`AttentionCounter` hooks and read the KV cache bytes off its tensors.
+    Guidance runs 2B rows; each call's count is divided by its rows."""
     cfg = _config(cfg)
-    if fake:
-        m = models or build_fake(cfg)
-        ctx, model, vae = m.scope(), m.model, m.vae
-    else:
-        from mvar.build import build_model, build_vqvae
-
-        ctx, model, vae = nullcontext(), build_model(cfg).eval(), build_vqvae(cfg.vae).eval()
-    with ctx:
+    m = models or build_fake(cfg)
+    with m.fake_mode:
         labels = _labels(batch)
-        with AttentionCounter(model) as counter:
-            out = model.sample(
-                vae, labels, cfg=guidance, top_k=top_k, top_p=top_p, g_seed=0, decode=False
+        with AttentionCounter(m.model) as counter:
+            out = m.model.sample(
+                m.vae, labels, cfg=guidance, top_k=top_k, top_p=top_p, g_seed=0, decode=False
             )
     return SamplingCount(
         counter.result(), int(out.kv_cache_bytes), batch, guidance,
@@ -628,7 +608,6 @@ class InferenceMemory:
     kv_cache: int
     method: str  # "estimated" (fake tensors) or "measured" (GPU)
     what: str  # which counter the numbers are (live bytes / max-allocated / ...)
-    extras: dict[str, object] = field(default_factory=dict)
 
 
 def estimate_inference_memory(
@@ -639,7 +618,6 @@ def estimate_inference_memory(
     top_k: int = 900,
     top_p: float = 0.96,
     decode: bool = True,
-    decode_chunk: int | None = None,
     round_to: int = CUDA_BLOCK_BYTES,
     models: FakeModels | None = None,
     attention: str = "fused",
@@ -649,7 +627,6 @@ def estimate_inference_memory(
     The transformer and VQ-VAE weights are resident from the start (as when a model is loaded
     on a GPU); the peak then follows every live tensor: KV cache (VAR), activations, logits and
     their top-k/top-p copies, f̂, and in the decode phase the decoder's feature maps.
-    ``decode_chunk`` decodes that many images at a time (None: the whole batch at once);
     ``decode=False`` skips the decode phase (``decode`` is then 0 and ``total == tokens``).
     ``models`` reuses fake models of the same config across calls.
 
@@ -670,7 +647,7 @@ def estimate_inference_memory(
     tracker.track(module_tensors(m.model), "weights")
     tracker.track(module_tensors(m.vae), "vae_weights")
     weights = tracker.current
-    with m.scope(), tracker, torch.no_grad(), kernel:
+    with m.fake_mode, tracker, torch.no_grad(), kernel:
         labels = _labels(batch)
         with tracker.phase("tokens"):
             out = m.model.sample(
@@ -681,10 +658,7 @@ def estimate_inference_memory(
         del out  # the token ids stay only as f̂, as in sample(decode=True)
         if decode:
             with tracker.phase("decode"):
-                chunk = decode_chunk or batch
-                for i in range(0, batch, chunk):
-                    img = m.vae.fhat_to_img(fhat[i : i + chunk])  # one chunk alive at a time
-                    del img
+                m.vae.fhat_to_img(fhat)  # the whole batch at once
     peak_tokens = tracker.phase_peaks["tokens"]
     peak_decode = tracker.phase_peaks.get("decode", 0)
     return InferenceMemory(
@@ -693,7 +667,6 @@ def estimate_inference_memory(
         method="estimated",
         what=f"peak live tensor bytes under FakeTensorMode, {round_to}-byte blocks, "
         f"{attention} attention",
-        extras={"peak_by_category": dict(tracker.peak_by_category), "decode_chunk": decode_chunk},
     )  # fmt: skip
 
 
@@ -739,19 +712,11 @@ def measure_inference_cuda(
     """Real peak memory of sampling on a GPU (random weights: memory does not depend on them),
     per phase: ``tokens`` (decode=False), ``decode`` (f̂ → images), ``total`` (decode=True).
     fp32 unless ``autocast_dtype`` is given. One untimed warm-up sampling call comes first."""
-    from mvar.build import build_model, build_vqvae
-
     cfg, device = _config(cfg), torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         raise RuntimeError("measure_inference_cuda needs a CUDA device")
-    model = build_model(cfg, device=device).eval()
-    vae = build_vqvae(cfg.vae, device=device).eval()
-    labels = _labels(batch, device)
-    amp = (
-        torch.autocast("cuda", dtype=autocast_dtype)
-        if autocast_dtype is not None
-        else nullcontext()
-    )
+    model, vae, labels = _real_models(cfg, batch, device)
+    amp = _autocast(device, autocast_dtype)
     kw = {"cfg": guidance, "top_k": top_k, "top_p": top_p, "g_seed": 0}
     out: dict[str, CudaMemory] = {}
     with torch.no_grad(), amp:
@@ -821,6 +786,32 @@ def _train_step(
     return loss.detach()
 
 
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
+    """``torch.autocast`` to ``dtype`` on ``device``, or nothing (fp32) when ``dtype`` is None."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def _real_models(
+    cfg: ModelConfig, batch: int, device: torch.device
+) -> tuple[nn.Module, nn.Module, Tensor]:
+    """A randomly initialised transformer and VQ-VAE on ``device`` in eval mode, and labels."""
+    from mvar.build import build_model, build_vqvae
+
+    model = build_model(cfg, device=device).eval()
+    vae = build_vqvae(cfg.vae, device=device).eval()
+    return model, vae, _labels(batch, device)
+
+
+def _real_train_setup(
+    cfg: ModelConfig, batch: int, device: torch.device
+) -> tuple[nn.Module, torch.optim.Optimizer, tuple[Tensor, ...]]:
+    """A randomly initialised transformer in train mode, its AdamW and random inputs."""
+    from mvar.build import build_model
+
+    model = build_model(cfg, device=device).train()
+    return model, _adamw(model, None), _train_inputs(cfg, batch, device)
+
+
 def _adamw(model: nn.Module, foreach: bool | None) -> torch.optim.Optimizer:
     # VAR.md §4: AdamW betas (0.9, 0.95), wd 0.05. Memory does not depend on the lr.
     return torch.optim.AdamW(
@@ -876,7 +867,7 @@ def estimate_train_memory(
     cfg = _config(cfg)
     m = build_fake(cfg, train=True)
     model = m.model
-    with m.scope():
+    with m.fake_mode:
         opt = _adamw(model, foreach)
         labels, x_BLCv, targets = _train_inputs(cfg, batch, "cpu")
         # Warm the optimizer state (exp_avg, exp_avg_sq, step) with one step on zero grads.
@@ -891,13 +882,10 @@ def estimate_train_memory(
     tracker.track((labels, x_BLCv, targets), "inputs")
     weights = tensor_bytes(module_tensors(model))
     chunks: dict[str, int] = {}
-    grads = 0
-    with m.scope(), tracker:
+    with m.fake_mode, tracker:
         for scales in train_chunks(cfg):
             name = chunk_name(scales)
-            tracker.reset_peak()
             with tracker.phase(name):
-                # The grads are the sum over the step; read their size before the step frees them.
                 _train_step(model, opt, labels, x_BLCv, targets, scales, nullcontext())
             chunks[name] = tracker.phase_peaks[name]
     grads = tensor_bytes(p for p in model.parameters() if p.requires_grad)  # one grad per param
@@ -935,17 +923,9 @@ def time_train_step(
     Per chunk of :func:`train_chunks`: warm-up iterations untimed, then the median of
     ``repeats``. For MVAR, ``mean_s`` is the average over chunks, i.e. what an iteration costs
     over a cycle of the official trainer (one chunk per iteration)."""
-    from mvar.build import build_model
-
     cfg, device = _config(cfg), torch.device(device)
-    model = build_model(cfg, device=device).train()
-    opt = _adamw(model, None)
-    labels, x_BLCv, targets = _train_inputs(cfg, batch, device)
-    amp = (
-        torch.autocast(device.type, dtype=autocast_dtype)
-        if autocast_dtype is not None
-        else nullcontext()
-    )
+    model, opt, (labels, x_BLCv, targets) = _real_train_setup(cfg, batch, device)
+    amp = _autocast(device, autocast_dtype)
     out: dict[str, Timing] = {}
     for scales in train_chunks(cfg):
         out[chunk_name(scales)] = time_call(
@@ -965,21 +945,13 @@ def measure_train_memory_cuda(
 ) -> dict[str, CudaMemory | str]:
     """Real training-step peak per chunk on a GPU (after one warm-up iteration of every chunk,
     so AdamW state exists). A chunk that runs out of memory is reported as ``"oom"``."""
-    from mvar.build import build_model
-
     cfg, device = _config(cfg), torch.device(device)
     out: dict[str, CudaMemory | str] = {}
     try:
-        model = build_model(cfg, device=device).train()
-        opt = _adamw(model, None)
-        labels, x_BLCv, targets = _train_inputs(cfg, batch, device)
+        model, opt, (labels, x_BLCv, targets) = _real_train_setup(cfg, batch, device)
     except torch.cuda.OutOfMemoryError:
         return {chunk_name(s): "oom" for s in train_chunks(cfg)}
-    amp = (
-        torch.autocast("cuda", dtype=autocast_dtype)
-        if autocast_dtype is not None
-        else nullcontext()
-    )
+    amp = _autocast(device, autocast_dtype)
     for scales in train_chunks(cfg):
         name = chunk_name(scales)
         try:
@@ -1009,17 +981,9 @@ def time_sampling(
 ) -> Timing:
     """Real latency of sampling one batch (random weights) on ``device``; token generation
     only unless ``decode``."""
-    from mvar.build import build_model, build_vqvae
-
     cfg, device = _config(cfg), torch.device(device)
-    model = build_model(cfg, device=device).eval()
-    vae = build_vqvae(cfg.vae, device=device).eval()
-    labels = _labels(batch, device)
-    amp = (
-        torch.autocast(device.type, dtype=autocast_dtype)
-        if autocast_dtype is not None
-        else nullcontext()
-    )
+    model, vae, labels = _real_models(cfg, batch, device)
+    amp = _autocast(device, autocast_dtype)
 
     def run() -> None:
         with torch.no_grad(), amp:

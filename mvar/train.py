@@ -103,6 +103,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, object
     ]
 
 
+def iteration_chunks(model: nn.Module) -> list[Sequence[int] | None]:
+    """The scale groups training cycles through, one per iteration: MVAR's chunks (MVAR.md §3),
+    or ``[None]`` (the whole sequence) for VAR."""
+    if model.config.arch == "mvar":  # type: ignore[union-attr]
+        return list(model.chunks(range(len(model.config.patch_nums))))  # type: ignore[operator,union-attr]
+    return [None]
+
+
 def token_loss(model: nn.Module, vae: nn.Module, idx_Bl: list[Tensor], label_B: Tensor,
                scales: Sequence[int] | None) -> Tensor:  # fmt: skip
     """Cross-entropy of the tokens of ``scales`` (all for VAR), weight 1/L per token."""
@@ -180,7 +188,7 @@ def train(cfg: TrainConfig) -> Path:
         if distributed
         else model
     )
-    chunks = model.chunks(range(len(mcfg.patch_nums))) if mcfg.arch == "mvar" else [None]
+    chunks = iteration_chunks(model)
     amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.amp)
 
     def save(step: int) -> Path:

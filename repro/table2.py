@@ -120,7 +120,8 @@ def _unit(metric: str) -> str | None:
     return UNITS.get(metric)
 
 
-def fake_device(env: Environment) -> str:
+@functools.cache
+def fake_device() -> str:
     """The device column of a fake-tensor count or estimate: this machine's CPU (fake tensors
     are CPU tensors even on a GPU machine), nothing allocated."""
     return f"{device_name('cpu')} [FakeTensorMode, nothing allocated]"
@@ -166,7 +167,7 @@ def compute_rows(
     B = opts.batch
     rows: list[ResultRow] = []
     closed = replace(env, device="none (closed form)")
-    fake_dev = fake_device(env)
+    fake_dev = fake_device()
 
     count = sampling_count(preset, B, opts.guidance)
     rows.append(row(env, table, model, "attn_gflops", count.macs.gflops, method="counted",
@@ -209,7 +210,7 @@ def ratio_rows(
     """VAR/MVAR inference-memory ratio (estimated) for (var model, var preset, mvar model, mvar
     preset) pairs, on the MVAR row as the paper prints it."""
     out = []
-    fake_dev = fake_device(env)
+    fake_dev = fake_device()
     for _vm, vp, mm, mp in pairs:
         a = inference_estimate(vp, opts.batch, True, opts.guidance).tokens
         b = inference_estimate(mp, opts.batch, True, opts.guidance).tokens
@@ -368,7 +369,7 @@ def memory_vs_batch_rows(env: Environment, opts: Options) -> list[ResultRow]:
     """Inference memory (token generation) vs batch for the figure's six models: estimated at
     every batch; on a GPU also measured (max-allocated), OOM kept as a status."""
     rows: list[ResultRow] = []
-    fake_dev = fake_device(env)
+    fake_dev = fake_device()
     jobs = [(m, b) for m in FIGURE_MODELS for b in opts.figure_batches]
     for preset, b in tqdm(jobs, desc="memory vs batch", leave=False):
         est = inference_estimate(preset, b, b == opts.batch, opts.guidance)
@@ -392,7 +393,7 @@ def memory_vs_batch_rows(env: Environment, opts: Options) -> list[ResultRow]:
 
 def poster_rows(env: Environment, opts: Options) -> list[ResultRow]:
     """The poster's d24 cells at batch 64 (estimated, token generation)."""
-    fake_dev = fake_device(env)
+    fake_dev = fake_device()
     v = inference_estimate("var-d24", 64, False, opts.guidance).tokens
     m = inference_estimate("mvar-d24", 64, False, opts.guidance).tokens
     return [

@@ -3,7 +3,9 @@
 ``parity_fixtures``: every parity file (``format == 'mvar-parity-fixture/1'``, schema in
 ``shared/fixtures/README.md``) in the directory named by ``$MVAR_PARITY_FIXTURES``
 (default ``<repo>/../shared/fixtures``), loaded once per session. A missing fixture is a
-failure, not a skip: parity is the project's main correctness claim.
+failure, not a skip: parity is the project's main correctness claim. ``parity_models``: each
+fixture with its VQ-VAE and VAR / MVAR transformers built and loaded, once per session.
+``tiny_vae``: the seeded random-init VQ-VAE of the tiny presets, once per test module.
 """
 
 from __future__ import annotations
@@ -82,3 +84,36 @@ def fixture_configs(c: dict[str, Any]) -> tuple[VQVAEConfig, dict[str, ModelConf
         for arch in ("var", "mvar")
     }
     return vae, models
+
+
+@pytest.fixture(scope="session")
+def parity_models(
+    parity_fixtures: list[dict[str, Any]],
+) -> list[tuple[dict[str, Any], torch.nn.Module, dict[str, torch.nn.Module]]]:
+    """(fixture, vae, {"var": model, "mvar": model}) per fixture, in eval mode; sampling and
+    forwards keep no state on the modules, so the tests share them."""
+    from mvar.build import build_model, build_vqvae
+    from mvar.checkpoint import load_transformer_state_dict
+    from mvar.vqvae import load_vqvae_state_dict
+
+    out = []
+    for fx in parity_fixtures:
+        vae_cfg, model_cfgs = fixture_configs(fx["config"])
+        vae = build_vqvae(vae_cfg)
+        load_vqvae_state_dict(vae, fx["vae_state_dict"], fx["_path"])
+        models = {}
+        for arch, cfg in model_cfgs.items():
+            model = build_model(cfg, init=False)
+            load_transformer_state_dict(model, fx["transformer_state_dict"], fx["_path"])
+            models[arch] = model.eval()
+        out.append((fx, vae.eval(), models))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_vae() -> torch.nn.Module:
+    from mvar.build import build_vqvae
+    from mvar.config import get_preset
+
+    torch.manual_seed(0)
+    return build_vqvae(get_preset("var-tiny").vae).eval()

@@ -24,12 +24,6 @@ def _tiny(name: str, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-@pytest.fixture(scope="module")
-def tiny_vae() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return build_vqvae(get_preset("var-tiny").vae).eval()
-
-
 def _teacher_input(vae: torch.nn.Module, B: int, seed: int = 0) -> tuple[list, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     V = vae.cfg.vocab_size

@@ -10,31 +10,13 @@ The official code itself differs between 1 and 2 threads by up to ~8e-6 (fixture
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import pytest
 import torch
 
-from mvar.build import build_model, build_vqvae
-from mvar.checkpoint import load_transformer_state_dict
-from mvar.vqvae import load_vqvae_state_dict
-from tests.conftest import fixture_configs
-
 log = logging.getLogger(__name__)
 LOGIT_TOL = 1e-4
 IMG_TOL = 1e-3
-
-
-def _models(fx: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, torch.nn.Module]]:
-    vae_cfg, model_cfgs = fixture_configs(fx["config"])
-    vae = build_vqvae(vae_cfg)
-    load_vqvae_state_dict(vae, fx["vae_state_dict"], fx["_path"])
-    models = {}
-    for arch, cfg in model_cfgs.items():
-        model = build_model(cfg, init=False)
-        load_transformer_state_dict(model, fx["transformer_state_dict"], fx["_path"])
-        models[arch] = model.eval()
-    return vae.eval(), models
 
 
 def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -43,9 +25,8 @@ def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("arch", ["var", "mvar"])
-def test_teacher_forcing_logits(parity_fixtures: list[dict[str, Any]], arch: str) -> None:
-    for fx in parity_fixtures:
-        _, models = _models(fx)
+def test_teacher_forcing_logits(parity_models: list[tuple], arch: str) -> None:
+    for fx, _, models in parity_models:
         with torch.no_grad():
             logits = models[arch](fx["inputs"]["label"], fx["vae"]["teacher_input"])
         err = _max_err(logits, fx[arch]["tf_logits"])
@@ -54,9 +35,8 @@ def test_teacher_forcing_logits(parity_fixtures: list[dict[str, Any]], arch: str
 
 
 @pytest.mark.parametrize("arch", ["var", "mvar"])
-def test_autoregressive_runs(parity_fixtures: list[dict[str, Any]], arch: str) -> None:
-    for fx in parity_fixtures:
-        vae, models = _models(fx)
+def test_autoregressive_runs(parity_models: list[tuple], arch: str) -> None:
+    for fx, vae, models in parity_models:
         for run in fx[arch]["ar"]:
             where = (
                 f"{fx['_path']}: {arch} run cfg={run['cfg']} top_k={run['top_k']} "

@@ -14,8 +14,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from mvar import profiling as prof
 from mvar.blocks import DenseAttention, NeighbourhoodAttention
-from mvar.build import build_model, build_vqvae
-from mvar.config import get_preset
+from mvar.build import build_model
 
 # PAPER.md Table 2 / ablation: attention GFLOPs per image (conditional branch).
 PAPER_GFLOPS = {
@@ -132,12 +131,6 @@ def test_counter_needs_attention_modules() -> None:
 # var-tiny: depth 2, C = 128, 680 tokens. qkv = 3*128^2*680*2 = 66,846,720; pairs 286,434*2 =
 # 572,868; qk = av = 128*572,868 = 73,327,104; total 213,500,928.
 VAR_TINY_TOTAL = 66_846_720 + 2 * 73_327_104
-
-
-@pytest.fixture(scope="module")
-def tiny_vae() -> nn.Module:
-    torch.manual_seed(0)
-    return build_vqvae(get_preset("var-tiny").vae).eval()
 
 
 def test_var_tiny_counts_by_hand_teacher_forcing_and_sampling(tiny_vae: nn.Module) -> None:
