@@ -289,20 +289,30 @@ class ScaleARTransformer(nn.Module):
         """(1, L, C) level + absolute position embedding of every token."""
         return self.lvl_embed(self.lvl_1L) + self.pos_1LC
 
+    def embed_scale(
+        self, si: int, cond_BD: Tensor, x_BlCv: Tensor | None, lvl_pos: Tensor | None = None
+    ) -> Tensor:
+        """Token embeddings of scale ``si``: the start tokens (class embedding + pos_start) for
+        si = 0, else word_embed of the scale's input ``x_BlCv`` (B, pn², Cvae), the area-down
+        of the cumulative f̂ (VAR.md §1); plus the level and position embedding."""
+        lvl_pos = self.lvl_pos() if lvl_pos is None else lvl_pos
+        bg, ed = self.begin_ends[si]
+        if si == 0:
+            x = cond_BD.unsqueeze(1).expand(-1, self.first_l, -1) + self.pos_start
+        else:
+            assert x_BlCv is not None
+            x = self.word_embed(x_BlCv.float())
+        return x + lvl_pos[:, bg:ed]
+
     def embed_inputs(self, cond_BD: Tensor, x_BLCv: Tensor, scales: Sequence[int]) -> Tensor:
-        """Token embeddings of the listed scales, concatenated: scale 0 is the start token
-        (class embedding + pos_start), scale s>0 is word_embed of the teacher-forcing input
-        (area-down of the cumulative f̂, VAR.md §1)."""
+        """Token embeddings of the listed scales, concatenated (teacher forcing)."""
         lvl_pos = self.lvl_pos()
         parts = []
         for si in scales:
             bg, ed = self.begin_ends[si]
-            if si == 0:
-                x = cond_BD.unsqueeze(1).expand(-1, self.first_l, -1) + self.pos_start
-            else:
-                # x_BLCv holds L - first_l rows: token t of the pyramid sits at row t - first_l.
-                x = self.word_embed(x_BLCv[:, bg - self.first_l : ed - self.first_l].float())
-            parts.append(x + lvl_pos[:, bg:ed])
+            # x_BLCv holds L - first_l rows: token t of the pyramid sits at row t - first_l.
+            x = None if si == 0 else x_BLCv[:, bg - self.first_l : ed - self.first_l]
+            parts.append(self.embed_scale(si, cond_BD, x, lvl_pos))
         return torch.cat(parts, dim=1)
 
     def get_logits(self, h_BlC: Tensor, cond_BD: Tensor) -> Tensor:

@@ -105,8 +105,7 @@ def sample_scales(
     rows = torch.cat((label_B, torch.full_like(label_B, model.num_classes))) if guided else label_B
     cond_BD = model.class_emb(rows)
     lvl_pos = model.lvl_pos()
-    x_BlC = cond_BD.unsqueeze(1).expand(-1, model.first_l, -1) + model.pos_start
-    x_BlC = x_BlC + lvl_pos[:, : model.first_l]
+    x_BlC = model.embed_scale(0, cond_BD, None, lvl_pos)
 
     N = model.patch_nums[-1]
     fhat = cond_BD.new_zeros(B, model.Cvae, N, N)
@@ -135,9 +134,8 @@ def sample_scales(
         h_BCvpp = h_BlCv.transpose(1, 2).reshape(B, model.Cvae, pn, pn)
         fhat, next_map = vae.next_ar_input(si, fhat, h_BCvpp)
         if si + 1 < S:
-            bg, ed = model.begin_ends[si + 1]
-            x_BlC = model.word_embed(next_map.view(B, model.Cvae, -1).transpose(1, 2))
-            x_BlC = x_BlC + lvl_pos[:, bg:ed]
+            x_BlCv = next_map.view(B, model.Cvae, -1).transpose(1, 2)
+            x_BlC = model.embed_scale(si + 1, cond_BD, x_BlCv, lvl_pos)
             if guided:
                 x_BlC = x_BlC.repeat(2, 1, 1)
 
