@@ -143,8 +143,13 @@ def _transformer(name: str, arch: Arch, depth: int, vae: VQVAEConfig, **kw: obje
     )
 
 
-# Tiny geometry of the parity fixture: same patch_nums, a 32-channel VAE, V = 512.
-TINY_VAE = VQVAEConfig(vocab_size=512, ch=32)
+# The tiny presets are the embedded study's models (``repro.embedded``, docs/embedded.md):
+# 32 px images over the paper's ten-scale pyramid 1..16 (so MVAR's neighbourhood attention
+# runs on 13x13 and 16x16 exactly as at 256 px), a VQ-VAE that downsamples 2x with a
+# 256-code codebook of 16-d codes, and the 10 classes of the generated shapes data set
+# (``mvar.data.SyntheticShapes``). Small enough to train every stage on a 2-core CPU in minutes.
+TINY_VAE = VQVAEConfig(vocab_size=256, Cvae=16, ch=32, ch_mult=(1, 2), num_res_blocks=1)
+TINY_CLASSES = 10
 
 
 def _build_presets() -> dict[str, ModelConfig]:
@@ -159,11 +164,13 @@ def _build_presets() -> dict[str, ModelConfig]:
         presets[f"mvar-d{d}-scale-markov"] = _transformer(
             f"mvar-d{d}-scale-markov", "mvar", d, paper, spatial_markov=False
         )
-    # Tiny CPU presets: the fixture's transformer (depth 2, width 128, 2 heads).
+    # Tiny CPU presets (the embedded study): depth 2, width 128, 2 heads of 64 (the head
+    # size of every paper preset, so the NA kernels run their D = 64 path).
     for arch in ("var", "mvar"):
         presets[f"{arch}-tiny"] = ModelConfig(
-            name=f"{arch}-tiny", arch=arch, depth=2, embed_dim=128, num_heads=2, vae=TINY_VAE
-        )
+            name=f"{arch}-tiny", arch=arch, depth=2, embed_dim=128, num_heads=2,
+            num_classes=TINY_CLASSES, vae=TINY_VAE,
+        )  # fmt: skip
     presets["mvar-tiny-scale-markov"] = presets["mvar-tiny"].replace(
         name="mvar-tiny-scale-markov", spatial_markov=False
     )

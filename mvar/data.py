@@ -30,14 +30,24 @@ class SyntheticShapes(Dataset):
     """Class c draws shape ``SHAPES[c % 5]`` in colour ``PALETTE[(c // 5) % 8]`` at a random
     position, size and rotation over a random two-colour gradient background.
 
+    With ``texture=True`` the shape is filled with stripes of its colour and a darker shade of
+    it, at a random orientation and phase, with a period of ``image_size / 5`` pixels: the
+    class still fixes the global layout (which shape, which colour), while the stripes are
+    local detail that a generator has to get right pixel by pixel (the embedded study,
+    ``repro.embedded``, uses it so that both kinds of structure matter).
+
     Item i is a pure function of (seed, i): the data set is identical on every machine and in
-    every process, so DDP ranks and resumed runs see the same images.
+    every process, so DDP ranks and resumed runs see the same images, and disjoint index
+    ranges are disjoint splits (classes are interleaved, so a range whose start and length
+    are multiples of ``num_classes`` is class-balanced).
     """
 
     num_classes: int = 10
     per_class: int = 64
     image_size: int = 256
     seed: int = 0
+    texture: bool = False
+    radius: tuple[float, float] = (0.25, 0.5)  # shape radius range, fraction of the half-width
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_classes <= len(SHAPES) * len(PALETTE):
@@ -45,6 +55,9 @@ class SyntheticShapes(Dataset):
                 f"SyntheticShapes has {len(SHAPES) * len(PALETTE)} distinct classes, "
                 f"asked for {self.num_classes}"
             )
+        lo, hi = self.radius
+        if not 0 < lo <= hi:
+            raise ValueError(f"radius range must satisfy 0 < low <= high, got {self.radius}")
 
     def __len__(self) -> int:
         return self.num_classes * self.per_class
@@ -66,7 +79,8 @@ class SyntheticShapes(Dataset):
         img = c0.view(3, 1, 1) * (1 - t) + c1.view(3, 1, 1) * t
         # Foreground shape in shape coordinates (translated, rotated, scaled).
         cx, cy = (torch.rand(2, generator=g) * 1.0 - 0.5).tolist()
-        r = 0.25 + 0.25 * float(torch.rand((), generator=g))
+        lo, hi = self.radius
+        r = lo + (hi - lo) * float(torch.rand((), generator=g))
         rot = float(torch.rand((), generator=g)) * 2 * math.pi
         u = (math.cos(rot) * (xx - cx) + math.sin(rot) * (yy - cy)) / r
         v = (-math.sin(rot) * (xx - cx) + math.cos(rot) * (yy - cy)) / r
@@ -82,8 +96,16 @@ class SyntheticShapes(Dataset):
             mask = (rr <= 1) & (rr >= 0.45)
         else:  # cross
             mask = ((u.abs() <= 0.3) & (v.abs() <= 1)) | ((v.abs() <= 0.3) & (u.abs() <= 1))
-        colour = torch.tensor(PALETTE[(c // len(SHAPES)) % len(PALETTE)])
-        img = torch.where(mask, colour.view(3, 1, 1), img)
+        colour = torch.tensor(PALETTE[(c // len(SHAPES)) % len(PALETTE)]).view(3, 1, 1)
+        fill = colour.expand(3, S, S)
+        if self.texture:
+            # Stripes in image coordinates: period image_size/5 px (0.4 in [-1, 1] units).
+            s_ang = float(torch.rand((), generator=g)) * math.pi
+            phase = float(torch.rand((), generator=g))
+            w = (math.cos(s_ang) * xx + math.sin(s_ang) * yy) / 0.4 + phase
+            dark = (torch.frac(w) < 0.5).unsqueeze(0)
+            fill = torch.where(dark, colour * 0.55, colour)
+        img = torch.where(mask, fill, img)
         return img.mul(2).sub(1).clamp(-1, 1), c
 
 
