@@ -49,13 +49,16 @@ import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from mvar.attention import tolerance, window_starts
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 logger = logging.getLogger(__name__)
 
@@ -122,15 +125,21 @@ def distance_bins(p_query: int, p_key: int) -> Tensor:
     return r.reshape(p_query * p_query, p_key * p_key)
 
 
+def natten_axis_mask(p_query: int, p_key: int, k: int) -> Tensor:
+    """(p, p') bool, one axis: whether key index i (at its centre c on the query's axis) lies in
+    the cells of query index q's NATTEN window, start = clamp(q − k//2, 0, p − k), borders
+    included: start − 0.5 <= c <= start + k − 0.5."""
+    st = torch.tensor(window_starts(p_query, k), dtype=torch.int64).view(-1, 1)  # (p, 1)
+    c2 = _axis_twice_centres(p_key, p_query).view(1, -1)  # (1, p') = 2p'·c
+    # in units of 1/2p':  2p'·st <= c2 + p' <= 2p'(st + k)
+    return (c2 + p_key >= 2 * p_key * st) & (c2 + p_key <= 2 * p_key * (st + k))
+
+
 def natten_window_mask(p_query: int, p_key: int, k: int) -> Tensor:
     """(p², p'²) bool: whether a key (placed at its centre on the query grid) lies inside the
-    query's k×k NATTEN window, start = clamp(q − k//2, 0, p − k) on each axis, borders
-    included. On the own scale (p' = p) this is exactly NATTEN's neighbourhood."""
-    st = torch.tensor(window_starts(p_query, k), dtype=torch.int64)  # (p,)
-    c2 = _axis_twice_centres(p_key, p_query).view(1, -1)  # (1, p')
-    # st − 0.5 <= c <= st + k − 0.5  <=>  2p'·st <= c2 + p' <= 2p'(st + k)
-    lo, hi = (2 * p_key * st).view(-1, 1), (2 * p_key * (st + k)).view(-1, 1)
-    inside = (c2 + p_key >= lo) & (c2 + p_key <= hi)  # (p, p')
+    query's k×k NATTEN window (:func:`natten_axis_mask` on both axes). On the own scale
+    (p' = p) this is exactly NATTEN's neighbourhood."""
+    inside = natten_axis_mask(p_query, p_key, k)
     m = inside.view(p_query, 1, p_key, 1) & inside.view(1, p_query, 1, p_key)
     return m.reshape(p_query * p_query, p_key * p_key)
 
@@ -182,21 +191,24 @@ class AttentionAccumulator:
             pn = g.patch_nums[si]
             if not (0 <= r < pn and 0 <= c < pn):
                 raise ValueError(f"tracked query ({r}, {c}) is outside scale {si}'s {pn}x{pn} grid")
-        self.query_map_sum = torch.zeros(D, H, len(self.tracked_queries), g.seq_len,
-                                          dtype=torch.float64)  # fmt: skip
+        self.query_map_sum = torch.zeros(
+            D, H, len(self.tracked_queries), g.seq_len, dtype=torch.float64
+        )
         self._scale_of = g.scale_of_tokens()
         self._bins: dict[tuple[int, int], Tensor] = {}
-        self._windows: dict[tuple[int, int, int], Tensor] = {}
+        self._windows: dict[tuple[int, int], Tensor] = {}
 
     def _bins_for(self, pq: int, pk: int, device: torch.device) -> Tensor:
         if (pq, pk) not in self._bins:
             self._bins[(pq, pk)] = distance_bins(pq, pk)
         return self._bins[(pq, pk)].to(device)
 
-    def _window_for(self, pq: int, pk: int, k: int, device: torch.device) -> Tensor:
-        if (pq, pk, k) not in self._windows:
-            self._windows[(pq, pk, k)] = natten_window_mask(pq, pk, k)
-        return self._windows[(pq, pk, k)].to(device)
+    def _axis_windows(self, pq: int, pk: int, device: torch.device) -> Tensor:
+        """(p, p, p') float64: the axis masks of k = 1..p (windows are separable by axis)."""
+        if (pq, pk) not in self._windows:
+            masks = [natten_axis_mask(pq, pk, k) for k in range(1, pq + 1)]
+            self._windows[(pq, pk)] = torch.stack(masks).to(torch.float64)
+        return self._windows[(pq, pk)].to(device)
 
     @torch.no_grad()
     def add(self, layer: int, query_scale: int, probs_BHqK: Tensor, key_tokens: Tensor) -> None:
@@ -238,8 +250,10 @@ class AttentionAccumulator:
             dist = torch.zeros(H, g.side, dtype=torch.float64, device=dev)
             dist.index_add_(1, bins.flatten(), sub.reshape(H, -1))
             self.distance_sum[layer, :, query_scale, oi] += dist.cpu()
-            win = torch.stack([(sub * self._window_for(pq, pk, k, dev)).sum((1, 2))
-                               for k in range(1, pq + 1)], dim=1)  # fmt: skip
+            # Σ P·[row inside]·[col inside] for every k at once: (h, qr, qc, kr, kc) × (k, qr, kr)
+            # × (k, qc, kc); the window of k is the product of its two axis masks.
+            A = self._axis_windows(pq, pk, dev)
+            win = torch.einsum("hacbd,kab,kcd->hk", sub.view(H, pq, pq, pk, pk), A, A)
             self.natten_sum[layer, :, query_scale, oi, :pq] += win.cpu()
         # Tracked queries' full rows.
         for ti, (si, r, c) in enumerate(self.tracked_queries):
@@ -300,18 +314,33 @@ class AttentionProbe:
     def _on_na(self, module: nn.Module, args: tuple, kwargs: dict, out: Tensor) -> None:
         q, k, v = args[:3]
         grid = args[3] if len(args) > 3 else kwargs["grid_hw"]
-        self._analyse_call(q, k, v, out, float(module.scale), bias=None,
-                           grid=(tuple(grid), int(module.kernel_size)))  # fmt: skip
+        self._analyse_call(
+            q,
+            k,
+            v,
+            out,
+            float(module.scale),
+            bias=None,
+            grid=(tuple(grid), int(module.kernel_size)),
+        )
 
     def _release(self) -> None:
         self.live_maps -= 1
 
-    def _analyse_call(self, q: Tensor, k: Tensor, v: Tensor, out: Tensor, scale: float,
-                      bias: Tensor | None, grid: tuple[tuple[int, int], int] | None) -> None:  # fmt: skip
+    def _analyse_call(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        out: Tensor,
+        scale: float,
+        bias: Tensor | None,
+        grid: tuple[tuple[int, int], int] | None,
+    ) -> None:
         if self.layer is None or self.query_tokens is None:
             raise RuntimeError("AttentionProbe: set query_tokens and run the model's blocks")
         tokens = self.query_tokens.to(q.device)
-        B, H, l, _ = q.shape
+        l = q.shape[2]
         if l != tokens.numel() or k.shape[2] != l:
             raise RuntimeError(
                 f"attention call with {l} queries and {k.shape[2]} keys, expected "
@@ -321,8 +350,11 @@ class AttentionProbe:
         g = self.acc.geometry
         scale_of = self.acc._scale_of.to(q.device)[tokens]
         qd, kd, vd = (t.to(torch.float64) for t in (q, k, v))
-        tol = tolerance(q.dtype if q.dtype in (torch.float16, torch.bfloat16, torch.float32,
-                                               torch.float64) else torch.float32)  # fmt: skip
+        tol = tolerance(
+            q.dtype
+            if q.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+            else torch.float32
+        )
         for si in torch.unique(scale_of).tolist():
             rows = (scale_of == si).nonzero().squeeze(1)
             logits = torch.matmul(qd[:, :, rows], kd.transpose(-1, -2)).mul_(scale)
@@ -330,12 +362,14 @@ class AttentionProbe:
                 (h, w), ks = grid
                 pn = g.patch_nums[si]
                 if (h, w) != (pn, pn) or rows.numel() != l:
-                    raise RuntimeError(f"neighbourhood attention on grid {h}x{w} does not match "
-                                       f"scale {si} ({pn}x{pn}, {rows.numel()} of {l} tokens)")  # fmt: skip
+                    raise RuntimeError(
+                        f"neighbourhood attention on grid {h}x{w} does not match "
+                        f"scale {si} ({pn}x{pn}, {rows.numel()} of {l} tokens)"
+                    )
                 keep = natten_window_mask(pn, pn, ks).to(q.device)
                 logits.masked_fill_(~keep, -math.inf)
             elif bias is not None:
-                logits.add_(bias.to(torch.float64).expand(B, H, l, l)[:, :, rows])
+                logits.add_(bias[..., rows, :].to(torch.float64))  # broadcast over B, H
             probs = torch.softmax(logits, dim=-1)
             del logits
             self.live_maps += 1
@@ -357,7 +391,7 @@ class AttentionProbe:
             del probs
 
     # -- context manager --------------------------------------------------------------------
-    def __enter__(self) -> AttentionProbe:
+    def __enter__(self) -> Self:
         m = self.model
         for i, block in enumerate(m.blocks):
             self._handles.append(block.register_forward_pre_hook(self._on_block(i)))
@@ -426,19 +460,23 @@ class AttentionAnalysis:
     # -- (1) ---------------------------------------------------------------------------------
     def scale_mass(self, layer: int | None = None, head: int | None = None) -> np.ndarray:
         """(S, S): mean mass from a query of scale q (row) onto key scale k; rows sum to 1."""
-        return _pooled(self.scale_sum, layer, head) / self._count(layer, head)[:, None]
+        with np.errstate(invalid="ignore", divide="ignore"):  # NaN rows: scales not analysed
+            return _pooled(self.scale_sum, layer, head) / self._count(layer, head)[:, None]
 
     # -- (2) ---------------------------------------------------------------------------------
-    def key_scale_mass(self, offset: int, layer: int | None = None,
-                       head: int | None = None) -> np.ndarray:  # fmt: skip
+    def key_scale_mass(
+        self, offset: int, layer: int | None = None, head: int | None = None
+    ) -> np.ndarray:
         """(S,) Σ mass on scale q − offset (the denominators of the distance / window shares);
         NaN for q − offset < 0."""
         s = _pooled(self.scale_sum, layer, head)
-        return np.array([s[q, q - offset] if q - offset >= 0 else math.nan
-                         for q in range(self.num_scales)])  # fmt: skip
+        return np.array(
+            [s[q, q - offset] if q - offset >= 0 else math.nan for q in range(self.num_scales)]
+        )
 
-    def distance_mass(self, offset: int, layer: int | None = None,
-                      head: int | None = None) -> np.ndarray:  # fmt: skip
+    def distance_mass(
+        self, offset: int, layer: int | None = None, head: int | None = None
+    ) -> np.ndarray:
         """(S, N): share of the mass on scale q − offset at Chebyshev distance bin r (sums to
         1 over r; NaN when that scale got no mass or does not exist)."""
         d = _pooled(self.distance_sum[:, :, :, KEY_OFFSETS.index(offset)], layer, head)
@@ -448,15 +486,17 @@ class AttentionAnalysis:
             out[q, pn:] = math.nan
         return out
 
-    def window_mass(self, offset: int, rule: str = "natten", layer: int | None = None,
-                    head: int | None = None) -> np.ndarray:  # fmt: skip
+    def window_mass(
+        self, offset: int, rule: str = "natten", layer: int | None = None, head: int | None = None
+    ) -> np.ndarray:
         """(S, K): share of the mass on scale q − offset inside a k×k window.
 
         ``natten``: column k − 1 for k = 1..N (NaN beyond k = p; k = p is the full grid).
         ``centred``: column r for k = 2r + 1, r = 0..N − 1 (k = 2p − 1 is the full window)."""
         if rule == "centred":
             return np.nancumsum(self.distance_mass(offset, layer, head), axis=1) + np.where(
-                np.isnan(self.distance_mass(offset, layer, head)), math.nan, 0.0)
+                np.isnan(self.distance_mass(offset, layer, head)), math.nan, 0.0
+            )
         if rule != "natten":
             raise ValueError(f"window rule must be one of {WINDOW_RULES}, got {rule!r}")
         w = _pooled(self.natten_sum[:, :, :, KEY_OFFSETS.index(offset)], layer, head)
@@ -469,12 +509,16 @@ class AttentionAnalysis:
         ``kernel_size`` NATTEN window on scales >= ``refine_step``)."""
         s = _pooled(self.scale_sum, layer, head)
         w = _pooled(self.natten_sum[:, :, :, KEY_OFFSETS.index(0)], layer, head)
-        kept = np.array([
-            w[q, self.kernel_size - 1]
-            if mvar_pattern_windowed(q, pn, self.kernel_size, self.refine_step) else s[q, q]
-            for q, pn in enumerate(self.patch_nums)
-        ])  # fmt: skip
-        return kept / self._count(layer, head)
+        kept = np.array(
+            [
+                w[q, self.kernel_size - 1]
+                if mvar_pattern_windowed(q, pn, self.kernel_size, self.refine_step)
+                else s[q, q]
+                for q, pn in enumerate(self.patch_nums)
+            ]
+        )
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return kept / self._count(layer, head)
 
     def kept_mass(self, layer: int | None = None, head: int | None = None) -> float:
         """The share over all queries of the pyramid (each query weighs the same)."""
@@ -495,12 +539,23 @@ class AttentionAnalysis:
 
         from mvar.io import atomic_path
 
-        meta = {k: getattr(self, k) for k in ("model", "arch", "patch_nums", "kernel_size",
-                                               "refine_step", "num_images", "tracked_queries",
-                                               "info")}  # fmt: skip
+        meta = {
+            k: getattr(self, k)
+            for k in (
+                "model",
+                "arch",
+                "patch_nums",
+                "kernel_size",
+                "refine_step",
+                "num_images",
+                "tracked_queries",
+                "info",
+            )
+        }
         with atomic_path(path) as tmp, tmp.open("wb") as f:
-            np.savez(f, meta=np.array(json.dumps(meta)),
-                     **{k: getattr(self, k) for k in self._ARRAYS})  # fmt: skip
+            np.savez(
+                f, meta=np.array(json.dumps(meta)), **{k: getattr(self, k) for k in self._ARRAYS}
+            )
         return Path(path)
 
     @classmethod
@@ -537,20 +592,27 @@ def parse_metric(metric: str) -> tuple[str, dict[str, str]]:
     return m.group("name"), labels
 
 
-def summary_scale_mass(a: AttentionAnalysis, layer: int | None = None,
-                       head: int | None = None) -> dict[str, float]:  # fmt: skip
+def summary_scale_mass(
+    a: AttentionAnalysis, layer: int | None = None, head: int | None = None
+) -> dict[str, float]:
     """Share of all queries' mass (each query weighs the same) on their ``own`` scale, the
     ``previous`` one and ``earlier`` ones (the first scale has neither of the last two)."""
     s = _pooled(a.scale_sum, layer, head)
     total = float(a._count(layer, head).sum())
     own = sum(s[q, q] for q in range(a.num_scales))
     prev = sum(s[q, q - 1] for q in range(1, a.num_scales))
-    earlier = sum(s[q, :q - 1].sum() for q in range(2, a.num_scales))
+    earlier = sum(s[q, : q - 1].sum() for q in range(2, a.num_scales))
     return {"own": own / total, "previous": prev / total, "earlier": earlier / total}
 
 
-def analysis_rows(a: AttentionAnalysis, env: Any, *, model: str | None = None,
-                  per_layer: bool = True, per_head: bool = True) -> list[Any]:  # fmt: skip
+def analysis_rows(
+    a: AttentionAnalysis,
+    env: Any,
+    *,
+    model: str | None = None,
+    per_layer: bool = True,
+    per_head: bool = True,
+) -> list[Any]:
     """Long-format rows (``repro.report.ResultRow``) of an analysis.
 
     Metrics (labels in the name, :func:`metric_name`): ``scale_mass[layer,head,qs,ks]``,
@@ -569,8 +631,9 @@ def analysis_rows(a: AttentionAnalysis, env: Any, *, model: str | None = None,
     head_views = [(("all", str(h), None, h)) for h in range(a.num_heads)] if per_head else []
 
     def row(metric: str, value: float) -> Any:
-        return make_row(env, TABLE, name, metric, value, method="counted", unit="fraction",
-                        batch=a.num_images)  # fmt: skip
+        return make_row(
+            env, TABLE, name, metric, value, method="counted", unit="fraction", batch=a.num_images
+        )
 
     rows = []
     for lab_l, lab_h, layer, head in views:
@@ -580,13 +643,18 @@ def analysis_rows(a: AttentionAnalysis, env: Any, *, model: str | None = None,
         sm = a.scale_mass(layer, head)
         for q in range(a.num_scales):
             for k in range(a.num_scales):
-                rows.append(row(metric_name("scale_mass", layer=lab_l, head=lab_h, qs=q, ks=k),
-                                sm[q, k]))  # fmt: skip
+                rows.append(
+                    row(metric_name("scale_mass", layer=lab_l, head=lab_h, qs=q, ks=k), sm[q, k])
+                )
         kept = a.kept_mass_per_scale(layer, head)
         for q in range(a.num_scales):
             rows.append(row(metric_name("mvar_kept_mass", layer=lab_l, head=lab_h, qs=q), kept[q]))
-        rows.append(row(metric_name("mvar_kept_mass", layer=lab_l, head=lab_h, qs="all"),
-                        a.kept_mass(layer, head)))  # fmt: skip
+        rows.append(
+            row(
+                metric_name("mvar_kept_mass", layer=lab_l, head=lab_h, qs="all"),
+                a.kept_mass(layer, head),
+            )
+        )
     for lab_l, lab_h, layer, head in views:
         for o in KEY_OFFSETS:
             dm = a.distance_mass(o, layer, head)
@@ -600,12 +668,14 @@ def analysis_rows(a: AttentionAnalysis, env: Any, *, model: str | None = None,
                     rows.append(row(metric_name("distance_mass", **lab, r=r), dm[q, r]))
                 for k in [*range(1, pn, 2), "full"]:
                     kk = pn if k == "full" else k
-                    rows.append(row(metric_name("window_mass", **lab, rule="natten", k=k),
-                                    wn[q, kk - 1]))  # fmt: skip
+                    rows.append(
+                        row(metric_name("window_mass", **lab, rule="natten", k=k), wn[q, kk - 1])
+                    )
                 for k in [*range(1, 2 * pn - 1, 2), "full"]:
                     r = pn - 1 if k == "full" else (k - 1) // 2
-                    rows.append(row(metric_name("window_mass", **lab, rule="centred", k=k),
-                                    wc[q, r]))  # fmt: skip
+                    rows.append(
+                        row(metric_name("window_mass", **lab, rule="centred", k=k), wc[q, r])
+                    )
     return rows
 
 
@@ -630,28 +700,41 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was)
 
 
-def _as_tokens(vae: nn.Module | None, images_or_tokens: Tensor | Sequence[Tensor],
-               patch_nums: Sequence[int], batch_size: int, device: torch.device) -> list[Tensor]:  # fmt: skip
+def _as_tokens(
+    vae: nn.Module | None,
+    images_or_tokens: Tensor | Sequence[Tensor],
+    patch_nums: Sequence[int],
+    batch_size: int,
+    device: torch.device,
+) -> list[Tensor]:
     if isinstance(images_or_tokens, Tensor):
         img = images_or_tokens
         if img.dim() != 4 or img.shape[1] != 3 or not img.is_floating_point():
-            raise ValueError(f"images must be a float (B, 3, H, W) tensor in [-1, 1], got "
-                             f"{img.dtype} {tuple(img.shape)}")  # fmt: skip
+            raise ValueError(
+                f"images must be a float (B, 3, H, W) tensor in [-1, 1], got "
+                f"{img.dtype} {tuple(img.shape)}"
+            )
         if float(img.min()) < -1.0 - 1e-6 or float(img.max()) > 1.0 + 1e-6:
-            raise ValueError("images must lie in [-1, 1] (the VQ-VAE's input range); got "
-                             f"[{float(img.min()):.3g}, {float(img.max()):.3g}]")  # fmt: skip
+            raise ValueError(
+                "images must lie in [-1, 1] (the VQ-VAE's input range); got "
+                f"[{float(img.min()):.3g}, {float(img.max()):.3g}]"
+            )
         if vae is None:
             raise ValueError("tokenising images needs the VQ-VAE (vae=None given)")
-        parts = [vae.img_to_idx(img[i : i + batch_size].to(device))
-                 for i in range(0, img.shape[0], batch_size)]  # fmt: skip
+        parts = [
+            vae.img_to_idx(img[i : i + batch_size].to(device))
+            for i in range(0, img.shape[0], batch_size)
+        ]
         return [torch.cat([p[si] for p in parts]) for si in range(len(patch_nums))]
     idx = [t.to(device) for t in images_or_tokens]
     if len(idx) != len(patch_nums) or any(
         t.dim() != 2 or t.shape[1] != pn * pn or t.shape[0] != idx[0].shape[0]
         for t, pn in zip(idx, patch_nums)
     ):
-        raise ValueError(f"tokens must be one (B, pn²) tensor per scale for patch_nums "
-                         f"{tuple(patch_nums)}, got {[tuple(t.shape) for t in idx]}")  # fmt: skip
+        raise ValueError(
+            f"tokens must be one (B, pn²) tensor per scale for patch_nums "
+            f"{tuple(patch_nums)}, got {[tuple(t.shape) for t in idx]}"
+        )
     return idx
 
 
@@ -702,10 +785,15 @@ def analyse(
         labels = torch.full((n,), cfg.num_classes, dtype=torch.long)
     labels = labels.to(device=device, dtype=torch.long)
     if labels.shape != (n,) or int(labels.min()) < 0 or int(labels.max()) > cfg.num_classes:
-        raise ValueError(f"labels must be ({n},) in [0, {cfg.num_classes}] "
-                         f"({cfg.num_classes} = null class), got {tuple(labels.shape)}")  # fmt: skip
-    tracked = tuple(tracked_queries) if tracked_queries is not None else \
-        default_tracked_queries(geometry.patch_nums)  # fmt: skip
+        raise ValueError(
+            f"labels must be ({n},) in [0, {cfg.num_classes}] "
+            f"({cfg.num_classes} = null class), got {tuple(labels.shape)}"
+        )
+    tracked = (
+        tuple(tracked_queries)
+        if tracked_queries is not None
+        else default_tracked_queries(geometry.patch_nums)
+    )
     acc = AttentionAccumulator(geometry, len(model.blocks), cfg.num_heads, tracked)
     probe = AttentionProbe(model, acc, check_outputs=check_outputs)
     L = geometry.seq_len
@@ -720,7 +808,8 @@ def analyse(
             lab = labels[b0 : b0 + batch_size]
             for chunk in runs:
                 probe.query_tokens = torch.cat(
-                    [torch.arange(*geometry.begin_ends[si]) for si in chunk])
+                    [torch.arange(*geometry.begin_ends[si]) for si in chunk]
+                )
                 if cfg.arch == "var":
                     model(lab, x_BLCv)
                 else:
@@ -746,22 +835,43 @@ def analyse(
         "max_output_error": probe.max_output_error if check_outputs else None,
     }
     return AttentionAnalysis(
-        model=name or cfg.name, arch=cfg.arch, patch_nums=geometry.patch_nums,
-        kernel_size=kernel_size or cfg.kernel_size, refine_step=refine_step or cfg.refine_step,
-        num_images=n, scale_sum=acc.scale_sum.numpy(), distance_sum=acc.distance_sum.numpy(),
-        natten_sum=acc.natten_sum.numpy(), query_count=acc.query_count.numpy(),
-        query_map_sum=acc.query_map_sum.numpy(), tracked_queries=tracked, info=info,
-    )  # fmt: skip
+        model=name or cfg.name,
+        arch=cfg.arch,
+        patch_nums=geometry.patch_nums,
+        kernel_size=kernel_size or cfg.kernel_size,
+        refine_step=refine_step or cfg.refine_step,
+        num_images=n,
+        scale_sum=acc.scale_sum.numpy(),
+        distance_sum=acc.distance_sum.numpy(),
+        natten_sum=acc.natten_sum.numpy(),
+        query_count=acc.query_count.numpy(),
+        query_map_sum=acc.query_map_sum.numpy(),
+        tracked_queries=tracked,
+        info=info,
+    )
 
 
-def from_accumulator(acc: AttentionAccumulator, *, model: str = "synthetic", arch: str = "var",
-                     kernel_size: int = 7, refine_step: int = 8,
-                     num_images: int = 1) -> AttentionAnalysis:  # fmt: skip
+def from_accumulator(
+    acc: AttentionAccumulator,
+    *,
+    model: str = "synthetic",
+    arch: str = "var",
+    kernel_size: int = 7,
+    refine_step: int = 8,
+    num_images: int = 1,
+) -> AttentionAnalysis:
     """An :class:`AttentionAnalysis` of an accumulator filled by hand (tests, other probes)."""
     return AttentionAnalysis(
-        model=model, arch=arch, patch_nums=acc.geometry.patch_nums, kernel_size=kernel_size,
-        refine_step=refine_step, num_images=num_images, scale_sum=acc.scale_sum.numpy(),
-        distance_sum=acc.distance_sum.numpy(), natten_sum=acc.natten_sum.numpy(),
-        query_count=acc.query_count.numpy(), query_map_sum=acc.query_map_sum.numpy(),
+        model=model,
+        arch=arch,
+        patch_nums=acc.geometry.patch_nums,
+        kernel_size=kernel_size,
+        refine_step=refine_step,
+        num_images=num_images,
+        scale_sum=acc.scale_sum.numpy(),
+        distance_sum=acc.distance_sum.numpy(),
+        natten_sum=acc.natten_sum.numpy(),
+        query_count=acc.query_count.numpy(),
+        query_map_sum=acc.query_map_sum.numpy(),
         tracked_queries=acc.tracked_queries,
-    )  # fmt: skip
+    )

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
 import math
 import sys
@@ -43,7 +44,6 @@ import torch
 from mvar.analysis import (
     KEY_OFFSETS,
     OFFSET_NAMES,
-    TABLE,
     AttentionAnalysis,
     analyse,
     analysis_rows,
@@ -83,8 +83,9 @@ def load_images(path: str | Path, size: int) -> tuple[np.ndarray, np.ndarray | N
                 imgs.append(np.asarray(im.convert("RGB")))
         shapes = {im.shape for im in imgs}
         if len(shapes) != 1:
-            raise InputError(f"{p}: images of different sizes {sorted(shapes)}; expected all "
-                             f"{size}x{size}")  # fmt: skip
+            raise InputError(
+                f"{p}: images of different sizes {sorted(shapes)}; expected all {size}x{size}"
+            )
         arr = np.stack(imgs)
     elif p.suffix == ".npy" and p.is_file():
         arr = np.load(p, allow_pickle=False)
@@ -98,11 +99,14 @@ def load_images(path: str | Path, size: int) -> tuple[np.ndarray, np.ndarray | N
     else:
         raise InputError(f"{p}: not a folder of images, an .npy or an .npz file (or missing)")
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[1:] != (size, size, 3):
-        raise InputError(f"{p}: expected uint8 images (N, {size}, {size}, 3), got {arr.dtype} "
-                         f"{arr.shape} (resize or crop them to the VQ-VAE's {size} px first)")  # fmt: skip
+        raise InputError(
+            f"{p}: expected uint8 images (N, {size}, {size}, 3), got {arr.dtype} "
+            f"{arr.shape} (resize or crop them to the VQ-VAE's {size} px first)"
+        )
     if labels is not None and (labels.shape != (arr.shape[0],) or labels.dtype.kind not in "iu"):
-        raise InputError(f"{p}: 'labels' must be ({arr.shape[0]},) integers, got "
-                         f"{labels.dtype} {labels.shape}")  # fmt: skip
+        raise InputError(
+            f"{p}: 'labels' must be ({arr.shape[0]},) integers, got {labels.dtype} {labels.shape}"
+        )
     return arr, labels
 
 
@@ -114,8 +118,9 @@ def to_model_range(arr_NHW3: np.ndarray) -> torch.Tensor:
 def held_out_shapes(n: int, size: int, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     from mvar.data import SyntheticShapes
 
-    data = SyntheticShapes(min(num_classes, 10), math.ceil(n / min(num_classes, 10)), size,
-                           seed=HELD_OUT_SEED)  # fmt: skip
+    data = SyntheticShapes(
+        min(num_classes, 10), math.ceil(n / min(num_classes, 10)), size, seed=HELD_OUT_SEED
+    )
     items = [data[i] for i in range(n)]
     return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
 
@@ -157,14 +162,28 @@ def plot_scale_mass(a: AttentionAnalysis, png: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7.2, 6))
     labels = _scale_labels(a)
     m = a.scale_mass() * 100
-    sns.heatmap(m, annot=True, fmt=".0f", cmap="rocket_r", vmin=0, vmax=100, square=True,
-                xticklabels=labels, yticklabels=labels, cbar_kws={"label": "% of attention"},
-                annot_kws={"fontsize": 7}, ax=ax, mask=~np.isfinite(m))  # fmt: skip
+    sns.heatmap(
+        m,
+        annot=True,
+        fmt=".0f",
+        cmap="rocket_r",
+        vmin=0,
+        vmax=100,
+        square=True,
+        xticklabels=labels,
+        yticklabels=labels,
+        cbar_kws={"label": "% of attention"},
+        annot_kws={"fontsize": 7},
+        ax=ax,
+        mask=~np.isfinite(m),
+    )
     ax.set_xlabel("key scale")
     ax.set_ylabel("query scale")
-    ax.set_title(f"{a.model}: where each scale's attention goes\n"
-                 f"({a.num_images} images, {a.num_layers} layers × {a.num_heads} heads pooled)",
-                 fontsize=10)  # fmt: skip
+    ax.set_title(
+        f"{a.model}: where each scale's attention goes\n"
+        f"({a.num_images} images, {a.num_layers} layers × {a.num_heads} heads pooled)",
+        fontsize=10,
+    )
     fig.tight_layout()
     return save_figure(fig, png)
 
@@ -182,15 +201,28 @@ def plot_window_mass(a: AttentionAnalysis, png: Path) -> Path:
             if pn < 3 or not np.isfinite(w[q, 0]):
                 continue
             for k in [*range(1, pn, 2), pn]:
-                recs.append({"key scale": f"{OFFSET_NAMES[o]} scale", "k": k, "share": w[q, k - 1],
-                             "query scale": f"{pn}²"})  # fmt: skip
+                recs.append(
+                    {
+                        "key scale": f"{OFFSET_NAMES[o]} scale",
+                        "k": k,
+                        "share": w[q, k - 1],
+                        "query scale": f"{pn}²",
+                    }
+                )
     df = pd.DataFrame(recs)
     panels = [p for p in ("own scale", "previous scale") if p in set(df["key scale"])]
     sns.set_theme(style="whitegrid")
     fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.6), squeeze=False)
     for ax, panel in zip(axes[0], panels):
-        sns.lineplot(data=df[df["key scale"] == panel], x="k", y="share", hue="query scale",
-                     marker="o", ax=ax, palette="viridis")  # fmt: skip
+        sns.lineplot(
+            data=df[df["key scale"] == panel],
+            x="k",
+            y="share",
+            hue="query scale",
+            marker="o",
+            ax=ax,
+            palette="viridis",
+        )
         ax.axvline(a.kernel_size, color="crimson", ls="--", lw=1)
         ax.text(a.kernel_size, 0.02, f" k = {a.kernel_size} (MVAR)", color="crimson", fontsize=8)
         ax.set_ylim(0, 1.02)
@@ -227,10 +259,19 @@ def plot_query_maps(a: AttentionAnalysis, png: Path) -> Path:
             ax.set_title(f"{pn}²: {grid.sum() * 100:.0f}%", fontsize=7)
             if ks == 0:
                 ax.set_ylabel(f"q {pq}² ({r},{c})", fontsize=7)
-    fig.suptitle(f"{a.model}: attention of single queries over each key scale "
-                 f"(colour shared per row)", fontsize=9)  # fmt: skip
+    fig.suptitle(
+        f"{a.model}: attention of single queries over each key scale (colour shared per row)",
+        fontsize=9,
+    )
     fig.tight_layout()
     return save_figure(fig, png)
+
+
+FIGURES = {
+    "scale_mass": plot_scale_mass,
+    "window_mass": plot_window_mass,
+    "query_maps": plot_query_maps,
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,8 +308,11 @@ def _value(rows: list[ResultRow], model: str, name: str, **labels: str) -> float
     return None
 
 
-SUMMARY_KEYS = {"own": "mass on the own scale", "previous": "mass on the previous scale",
-                "earlier": "mass on earlier scales"}
+SUMMARY_KEYS = {
+    "own": "mass on the own scale",
+    "previous": "mass on the previous scale",
+    "earlier": "mass on earlier scales",
+}
 
 
 def summary(rows: list[ResultRow], model: str, meta: dict[str, Any]) -> dict[str, float | None]:
@@ -282,108 +326,157 @@ def summary(rows: list[ResultRow], model: str, meta: dict[str, Any]) -> dict[str
     pn = meta["patch_nums"]
     for q in range(meta["refine_step"], len(pn)):
         out[f"own {pn[q]}² scale inside {k}×{k} (NATTEN)"] = _value(
-            rows, model, "window_mass", **pooled, qs=str(q), offset="own", rule="natten", k=str(k))
+            rows, model, "window_mass", **pooled, qs=str(q), offset="own", rule="natten", k=str(k)
+        )
         out[f"previous-scale mass of {pn[q]}² inside {k}×{k} (NATTEN)"] = _value(
-            rows, model, "window_mass", **pooled, qs=str(q), offset="previous", rule="natten",
-            k=str(k))  # fmt: skip
+            rows,
+            model,
+            "window_mass",
+            **pooled,
+            qs=str(q),
+            offset="previous",
+            rule="natten",
+            k=str(k),
+        )
     out["kept by MVAR's pattern"] = _value(rows, model, "mvar_kept_mass", **pooled, qs="all")
     return out
 
 
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.1f}%"
+
+
 def describe(model: str, s: dict[str, float | None], meta: dict[str, Any]) -> str:
     """One paragraph saying what the numbers say, whatever they are."""
-    def pct(v: float | None) -> str:
-        return "–" if v is None else f"{100 * v:.1f}%"
-
     own, prev, earl = (s[SUMMARY_KEYS[k]] for k in ("own", "previous", "earlier"))
     kept = s["kept by MVAR's pattern"]
     k = meta["kernel_size"]
     wins = [v for name, v in s.items() if name.startswith("own ") and v is not None]
-    text = (f"**{model}** ({meta['weights']}): averaged over all {sum(p * p for p in meta['patch_nums'])} "
-            f"queries of the pyramid, {pct(own)} of the attention falls on the query's own scale, "
-            f"{pct(prev)} on the previous scale and {pct(earl)} on earlier ones. ")  # fmt: skip
+    queries = sum(p * p for p in meta["patch_nums"])
+    parts = [
+        (
+            f"**{model}** ({meta['weights']}): averaged over all {queries} queries of the pyramid, "
+            f"{_pct(own)} of the attention falls on the query's own scale, {_pct(prev)} on the "
+            f"previous scale and {_pct(earl)} on earlier ones."
+        )
+    ]
     if wins:
-        text += (f"On the scales where MVAR uses a {k}×{k} window, that window holds "
-                 f"{' / '.join(pct(v) for v in wins)} of the own-scale attention. ")  # fmt: skip
-    text += f"MVAR's pattern (own scale, windowed on scales ≥ {meta['refine_step']}) keeps {pct(kept)} of all attention mass"
+        parts.append(
+            f"On the scales where MVAR uses a {k}×{k} window, that window holds "
+            f"{' / '.join(_pct(v) for v in wins)} of the own-scale attention."
+        )
+    kept_text = (
+        f"MVAR's pattern (own scale, windowed on scales ≥ {meta['refine_step']}) keeps "
+        f"{_pct(kept)} of all attention mass"
+    )
     if meta["arch"] == "mvar":
-        text += " (it is the model's own pattern, so 100% is expected)."
-    elif kept is not None and own is not None:
-        local = "concentrated" if own >= 0.5 else "spread"
-        text += (f"; this model's attention is {local} "
-                 f"{'on' if own >= 0.5 else 'beyond'} the own scale"
-                 f"{'' if meta['weights'] != 'random init' else ' — at random init, a property of the initialisation, not of learning'}.")  # fmt: skip
-    return text
+        kept_text += " (it is this model's own pattern, so 100% is expected)."
+    elif own is not None:
+        where = "concentrated on" if own >= 0.5 else "spread beyond"
+        kept_text += f"; this model's attention is {where} the own scale"
+        if meta["weights"] == "random init":
+            kept_text += " — at random init, a property of the initialisation, not of learning"
+        kept_text += "."
+    parts.append(kept_text)
+    return " ".join(parts)
+
+
+DEFINITIONS: tuple[str, ...] = (
+    (
+        "`scale_mass[qs, ks]`: mean over the queries of scale qs of the attention on key scale ks "
+        "(rows sum to 1); `qs=all`: over all queries, `ks=own|previous|earlier`."
+    ),
+    (
+        "Keys of the previous scale (side p') are placed on the query's grid (side p) at their "
+        "centres, c = (i + 0.5)·p/p' − 0.5; distance bin r holds keys with Chebyshev distance "
+        "r − 0.5 < d ≤ r + 0.5 (the exact distance on the own scale)."
+    ),
+    (
+        "`window_mass[rule=natten, k]`: share of that scale's attention inside the query's k×k NATTEN "
+        "window (shifted inwards at the border, as MVAR's neighbourhood attention; `k=full` = the "
+        "whole grid). **The figures use this rule.** `rule=centred`: keys within Chebyshev radius "
+        "(k − 1)/2, cut at the border (the cumulative `distance_mass`)."
+    ),
+    (
+        "`mvar_kept_mass`: share of a query's attention on keys MVAR's pattern keeps (own scale; "
+        "inside the k×k NATTEN window on scales ≥ refine_step)."
+    ),
+    "Pooled values (`layer=all`, `head=all`) pool the sums of those layers and heads.",
+)
+
+
+def _provenance(meta: dict[str, Any], env: ResultRow) -> list[str]:
+    info = meta["info"]
+    ckpt, vae = meta["ckpt"], meta["vae"]
+    backend = info["na_backend"] or "none (dense attention only)"
+    return [
+        (
+            f"- transformer: `{ckpt['path']}` sha256 `{ckpt['sha256'] or '–'}`; "
+            f"VQ-VAE: `{vae['path']}` sha256 `{vae['sha256'] or '–'}`"
+        ),
+        f"- images: {meta['images']} ({meta['num_images']}), labels: {info['labels']}",
+        (
+            f"- device {env.device}, model dtype {info['model_dtype']}, neighbourhood-attention "
+            f"backend that ran: {backend}; torch {env.torch}, git {env.git_sha}"
+        ),
+        (
+            f"- probabilities {info['probabilities']}; max |P·v − attention output| "
+            f"{info['max_output_error']:.2g}; sums in float64"
+        ),
+        (
+            f"- one probability block alive at a time (peak {info['peak_live_maps']}, "
+            f"{info['peak_map_bytes'] / 2**20:.1f} MiB; alive when a layer starts: "
+            f"{info['live_maps_at_layer_start']}); wall time {meta['wall_s']:.1f} s"
+        ),
+    ]
 
 
 def write_markdown(out: Path, rows: list[ResultRow]) -> Path:
-    models = list(dict.fromkeys(r.model for r in rows))
-    lines = ["# Attention analysis: where the attention goes", "",
-             "Source: `attention.csv` (table `attention-analysis`, long format; metric names carry "
-             "their indices, e.g. `scale_mass[layer=all,head=all,qs=9,ks=8]`, `all` = pooled).", ""]  # fmt: skip
-    for model in models:
+    """``attention.md`` from the CSV rows and each model's ``<model>.json``."""
+    lines = [
+        "# Attention analysis: where the attention goes",
+        "",
+        (
+            "Source: `attention.csv` (table `attention-analysis`, long format; metric names carry "
+            "their indices, e.g. `scale_mass[layer=all,head=all,qs=9,ks=8]`, `all` = pooled)."
+        ),
+        "",
+    ]
+    for model in dict.fromkeys(r.model for r in rows):
         meta_p = out / f"{model}.json"
         if not meta_p.is_file():
             log.warning("no %s: the markdown skips %s", meta_p, model)
             continue
-        import json
-
         meta = json.loads(meta_p.read_text())
         s = summary(rows, model, meta)
         env = next(r for r in rows if r.model == model)
-        lines += [f"## {model}", "", describe(model, s, meta), "",
-                  "| quantity | value |", "|---|---|"]  # fmt: skip
-        lines += [f"| {k} | {'–' if v is None else f'{100 * v:.1f}%'} |" for k, v in s.items()]
-        info = meta["info"]
-        lines += ["", "How it was made:", "",
-                  f"- transformer: `{meta['ckpt']['path']}` sha256 `{meta['ckpt']['sha256'] or '–'}`; "
-                  f"VQ-VAE: `{meta['vae']['path']}` sha256 `{meta['vae']['sha256'] or '–'}`",
-                  f"- images: {meta['images']} ({meta['num_images']}), labels: {info['labels']}",
-                  f"- device {env.device}, model dtype {info['model_dtype']}, neighbourhood-attention "
-                  f"backend that ran: {info['na_backend'] or 'none (dense attention only)'}; "
-                  f"torch {env.torch}, git {env.git_sha}",
-                  f"- probabilities {info['probabilities']}; max |P·v − attention output| "
-                  f"{info['max_output_error']:.2g}; sums in float64",
-                  f"- one probability block alive at a time (peak {info['peak_live_maps']}, "
-                  f"{info['peak_map_bytes'] / 2**20:.1f} MiB; live at a layer's start: "
-                  f"{info['live_maps_at_layer_start']}); wall time {meta['wall_s']:.1f} s",
-                  "", f"![scale mass](figures/{model}_scale_mass.png)",
-                  f"![window mass](figures/{model}_window_mass.png)",
-                  f"![query maps](figures/{model}_query_maps.png)", ""]  # fmt: skip
-    lines += [
-        "## Definitions", "",
-        "- `scale_mass[qs, ks]`: mean over the queries of scale qs of the attention on key scale "
-        "ks (rows sum to 1); `qs=all`: over all queries, `ks=own|previous|earlier`.",
-        "- Keys of the previous scale (side p') are placed on the query's grid (side p) at their "
-        "centres, c = (i + 0.5)·p/p' − 0.5; distance bin r holds keys with Chebyshev distance "
-        "r − 0.5 < d ≤ r + 0.5 (exact distance on the own scale).",
-        "- `window_mass[rule=natten, k]`: share of that scale's attention inside the query's k×k "
-        "NATTEN window (shifted inwards at the border, as MVAR's neighbourhood attention; "
-        "`k=full` = the whole grid). **The figures use this rule.** `rule=centred`: keys within "
-        "Chebyshev radius (k − 1)/2, cut at the border (the cumulative `distance_mass`).",
-        "- `mvar_kept_mass`: share of a query's attention on keys MVAR's pattern keeps (own scale; "
-        "inside the k×k NATTEN window on scales ≥ refine_step).",
-        "- Pooled values (`layer=all`, `head=all`) pool the sums of those layers and heads.", ""]  # fmt: skip
+        lines += [f"## {model}", "", describe(model, s, meta), ""]
+        lines += ["| quantity | value |", "|---|---|"]
+        lines += [f"| {k} | {_pct(v)} |" for k, v in s.items()]
+        lines += ["", "How it was made:", "", *_provenance(meta, env), ""]
+        lines += [f"![{kind}](figures/{model}_{kind}.png)" for kind in FIGURES]
+        lines += [""]
+    lines += ["## Definitions", "", *(f"- {d}" for d in DEFINITIONS), ""]
     path = atomic_write(out / "attention.md", lambda tmp: tmp.write_text("\n".join(lines)))
     log.info("wrote %s", path)
     return path
 
 
-def write_outputs(a: AttentionAnalysis, out: Path, meta: dict[str, Any],
-                  env_device: str | None = None) -> list[Path]:  # fmt: skip
+def write_outputs(
+    a: AttentionAnalysis, out: Path, meta: dict[str, Any], env_device: str | None = None
+) -> list[Path]:
     """CSV (merged with other models' rows), npz, json, figures and markdown of one analysis."""
     out.mkdir(parents=True, exist_ok=True)
-    env = capture_environment(env_device or a.info.get("device", "cpu"),
-                              a.info.get("model_dtype", "float32"))  # fmt: skip
+    env = capture_environment(
+        env_device or a.info.get("device", "cpu"), a.info.get("model_dtype", "float32")
+    )
     csv_path = out / "attention.csv"
     rows = [r for r in read_rows(csv_path) if r.model != a.model] + analysis_rows(a, env)
     made = [write_csv(rows, csv_path)]
     made.append(a.save_npz(out / f"{a.model}.npz"))
     made.append(atomic_write_json(out / f"{a.model}.json", meta))
     figs = out / "figures"
-    made += [plot_scale_mass(a, figs / f"{a.model}_scale_mass.png"),
-             plot_window_mass(a, figs / f"{a.model}_window_mass.png"),
-             plot_query_maps(a, figs / f"{a.model}_query_maps.png")]  # fmt: skip
+    made += [plot(a, figs / f"{a.model}_{kind}.png") for kind, plot in FIGURES.items()]
     made.append(write_markdown(out, rows))
     return made
 
@@ -394,8 +487,9 @@ def write_outputs(a: AttentionAnalysis, out: Path, meta: dict[str, Any],
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m repro.attention_analysis",
-                                description=__doc__.split("\n")[0])  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python -m repro.attention_analysis", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--model", default="var-tiny", help="model preset or released name")
     p.add_argument("--ckpt", help="transformer checkpoint (default: random init, labelled)")
     p.add_argument("--vae-ckpt", help="VQ-VAE checkpoint (default: random init, labelled)")
@@ -416,8 +510,6 @@ def run(args: argparse.Namespace) -> list[Path]:
     out = Path(args.out) / "attention"
     if args.from_npz:
         a = AttentionAnalysis.load_npz(args.from_npz)
-        import json
-
         meta = json.loads(Path(args.from_npz).with_suffix(".json").read_text())
         return write_outputs(a, out, meta)
     from mvar.config import CHECKPOINT_PRESETS, get_preset
@@ -452,15 +544,33 @@ def run(args: argparse.Namespace) -> list[Path]:
     vae, model = load_pretrained(args.model, args.ckpt, args.vae_ckpt, device=args.device)
     name = args.name or args.model
     t0 = time.perf_counter()
-    a = analyse(model, vae, images.to(args.device), labels, batch_size=args.batch_size,
-                check_outputs=not args.no_check, name=name)  # fmt: skip
+    a = analyse(
+        model,
+        vae,
+        images.to(args.device),
+        labels,
+        batch_size=args.batch_size,
+        check_outputs=not args.no_check,
+        name=name,
+    )
     wall = time.perf_counter() - t0
     log.info("analysed %d images of %s in %.1f s", a.num_images, name, wall)
     random = args.ckpt is None
-    meta = {"model": name, "preset": cfg.name, "arch": a.arch, "patch_nums": list(a.patch_nums),
-            "kernel_size": a.kernel_size, "refine_step": a.refine_step, "num_images": a.num_images,
-            "images": source, "ckpt": ckpt, "vae": vae_rec,
-            "weights": "random init" if random else "trained", "wall_s": wall, "info": a.info}  # fmt: skip
+    meta = {
+        "model": name,
+        "preset": cfg.name,
+        "arch": a.arch,
+        "patch_nums": list(a.patch_nums),
+        "kernel_size": a.kernel_size,
+        "refine_step": a.refine_step,
+        "num_images": a.num_images,
+        "images": source,
+        "ckpt": ckpt,
+        "vae": vae_rec,
+        "weights": "random init" if random else "trained",
+        "wall_s": wall,
+        "info": a.info,
+    }
     return write_outputs(a, out, meta)
 
 
