@@ -615,7 +615,8 @@ def analysis_rows(
 ) -> list[Any]:
     """Long-format rows (``repro.report.ResultRow``) of an analysis.
 
-    Metrics (labels in the name, :func:`metric_name`): ``scale_mass[layer,head,qs,ks]``,
+    Metrics (labels in the name, :func:`metric_name`): ``scale_mass[layer,head,qs,ks]`` (and
+    ``qs=all`` with ``ks=own|previous|earlier``, :func:`summary_scale_mass`),
     ``distance_mass[layer,head,qs,offset,r]``, ``window_mass[layer,head,qs,offset,rule,k]``
     (k odd up to the full window, and ``k=full``), ``mvar_kept_mass[layer,head,qs]`` (``qs=all``
     over the pyramid). Rows: pooled over everything; per layer (heads pooled); per head (layers

@@ -462,6 +462,34 @@ def write_markdown(out: Path, rows: list[ResultRow]) -> Path:
     return path
 
 
+def run_meta(
+    a: AttentionAnalysis,
+    images: str,
+    ckpt: str | None,
+    vae_ckpt: str | None,
+    wall_s: float,
+    *,
+    preset: str | None = None,
+) -> dict[str, Any]:
+    """How an analysis was made (``<model>.json``): the checkpoints with their sha256 (None:
+    random init), the images, the wall time of :func:`mvar.analysis.analyse` and its ``info``."""
+    return {
+        "model": a.model,
+        "preset": preset or a.model,
+        "arch": a.arch,
+        "patch_nums": list(a.patch_nums),
+        "kernel_size": a.kernel_size,
+        "refine_step": a.refine_step,
+        "num_images": a.num_images,
+        "images": images,
+        "ckpt": _file_record(ckpt),
+        "vae": _file_record(vae_ckpt),
+        "weights": "random init" if ckpt is None else "trained",
+        "wall_s": wall_s,
+        "info": a.info,
+    }
+
+
 def write_outputs(
     a: AttentionAnalysis, out: Path, meta: dict[str, Any], env_device: str | None = None
 ) -> list[Path]:
@@ -538,7 +566,11 @@ def run(args: argparse.Namespace) -> list[Path]:
         source = f"held-out generated shapes (SyntheticShapes seed {HELD_OUT_SEED})"
     if labels is not None and (int(labels.min()) < 0 or int(labels.max()) > cfg.num_classes):
         raise InputError(f"labels must lie in [0, {cfg.num_classes}]")
-    ckpt, vae_rec = _file_record(args.ckpt), _file_record(args.vae_ckpt)
+    from mvar.checkpoint import resolve_checkpoint
+
+    for path in (args.ckpt, args.vae_ckpt):  # a missing file fails here, before any model
+        if path is not None:
+            resolve_checkpoint(path)
     from mvar.checkpoint import load_pretrained
 
     vae, model = load_pretrained(args.model, args.ckpt, args.vae_ckpt, device=args.device)
@@ -555,22 +587,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     )
     wall = time.perf_counter() - t0
     log.info("analysed %d images of %s in %.1f s", a.num_images, name, wall)
-    random = args.ckpt is None
-    meta = {
-        "model": name,
-        "preset": cfg.name,
-        "arch": a.arch,
-        "patch_nums": list(a.patch_nums),
-        "kernel_size": a.kernel_size,
-        "refine_step": a.refine_step,
-        "num_images": a.num_images,
-        "images": source,
-        "ckpt": ckpt,
-        "vae": vae_rec,
-        "weights": "random init" if random else "trained",
-        "wall_s": wall,
-        "info": a.info,
-    }
+    meta = run_meta(a, source, args.ckpt, args.vae_ckpt, wall, preset=cfg.name)
     return write_outputs(a, out, meta)
 
 
