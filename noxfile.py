@@ -63,6 +63,15 @@ def repro_figures(session: nox.Session) -> None:
 
 
 @nox.session
+def repro_attention(session: nox.Session) -> None:
+    """Where the attention goes (per key scale, per spatial distance): CSV, figures and markdown
+    in reports/attention/. Default: random-init var-tiny on held-out generated shapes; pass
+    ``-- --model var-d16 --ckpt var_d16.pth --vae-ckpt vae_ch160v4096z32.pth --images <dir>
+    --device cuda`` for paper scale (``-- --help``)."""
+    _repro(session, "attention_analysis")
+
+
+@nox.session
 def bench(session: nox.Session) -> None:
     """The pytest-benchmark suites, one after the other (never in parallel: they time the
     machine); each writes reports/bench/<suite>.json and its long-format <suite>.csv."""
