@@ -349,7 +349,7 @@ def test_pipeline_one_vs_two_processes_and_resume(
     npz_one, npz_two = one.with_name(one.name + ".npz"), two.with_name(two.name + ".npz")
     with np.load(npz_one) as a, np.load(npz_two) as b:
         np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
-        assert a["arr_0"].shape == (6, 256, 256, 3)
+        assert a["arr_0"].shape == (6, 32, 32, 3)
         assert len({a["arr_0"][i].tobytes() for i in range(6)}) == 6  # not one image repeated
 
     # Metrics: an ADM-style reference (precomputed mu/sigma + images) built from a few

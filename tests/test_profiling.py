@@ -137,7 +137,7 @@ def test_var_tiny_counts_by_hand_teacher_forcing_and_sampling(tiny_vae: nn.Modul
     model = build_model("var-tiny").eval()
     assert prof.analytic_attention_macs("var-tiny").total == VAR_TINY_TOTAL
     B = 2
-    x = torch.randn(B, 679, 32)
+    x = torch.randn(B, 679, 16)  # tiny Cvae = 16
     with torch.no_grad(), prof.AttentionCounter(model) as tf:  # the real block-causal mask
         model(torch.tensor([1, 2]), x)
     assert tf.result().total == VAR_TINY_TOTAL
@@ -154,7 +154,7 @@ def test_var_tiny_counts_by_hand_teacher_forcing_and_sampling(tiny_vae: nn.Modul
 def test_mvar_tiny_counted_equals_closed_form(tiny_vae: nn.Module, name: str) -> None:
     model = build_model(name, na_backend="reference").eval()
     want = prof.analytic_attention_macs(name)
-    x = torch.randn(2, 679, 32)
+    x = torch.randn(2, 679, 16)
     with torch.no_grad(), prof.AttentionCounter(model) as tf:  # chunks: 0-7 masked, 8, 9 NA
         model(torch.tensor([1, 2]), x)
     assert tf.result() == want

@@ -16,7 +16,7 @@ def test_progression_ends_at_the_sampled_image() -> None:
     vae, model = load_pretrained("var-tiny", seed=0)
     out = model.sample(vae, torch.tensor([1]), cfg=1.5, top_k=20, g_seed=0)
     frames = progression(vae, out.idx_Bl)
-    assert frames.shape == (10, 1, 3, 256, 256)
+    assert frames.shape == (10, 1, 3, 32, 32)  # the tiny VAE's 32 px
     assert (frames[-1] - out.img01).abs().max() < 1e-5
     assert (frames[0] - frames[-1]).abs().max() > 1e-3  # earlier scales are coarser
 
@@ -33,5 +33,5 @@ def test_grid_layout() -> None:
 def test_sample_command_writes_pictures(tmp_path: Path) -> None:
     paths = main(["--model", "var-tiny", "--classes", "3", "--out", str(tmp_path)])
     grid, strip = (np.asarray(Image.open(p)) for p in paths)
-    assert grid.shape == (2 + 258, 2 + 258, 3)
-    assert strip.shape == (2 + 258, 2 + 10 * 258, 3)
+    assert grid.shape == (2 + 34, 2 + 34, 3)  # 32 px images
+    assert strip.shape == (2 + 34, 2 + 10 * 34, 3)
