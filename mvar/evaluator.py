@@ -49,11 +49,11 @@ class EvaluatorConfig:
 
     num_classes: int = 10
     image_size: int = 32
-    widths: tuple[int, ...] = (16, 32, 64)  # one stage per width, each halving the resolution
+    widths: tuple[int, ...] = (16, 32, 64, 128)  # one stage per width, each halving the resolution
     feature_dim: int = 128
-    steps: int = 300
+    steps: int = 1000
     batch_size: int = 64
-    lr: float = 3e-3
+    lr: float = 5e-3
     weight_decay: float = 1e-4
     seed: int = 0
 

@@ -141,8 +141,11 @@ def _load_tokens(cfg: TrainConfig, vae: nn.Module) -> TokenCache:
     return encode_dataset(vae, data)
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Run (or resume) a training job; returns the path of the final checkpoint."""
+def train(cfg: TrainConfig, tokens: TokenCache | None = None) -> Path:
+    """Run (or resume) a training job; returns the path of the final checkpoint.
+
+    ``tokens``: the training set already tokenised with the VQ-VAE of ``cfg.vae_ckpt``
+    (in-process callers such as the embedded study); by default ``cfg.data`` is encoded here."""
     distributed = dist.init_from_env()
     rank, world = dist.get_rank(), dist.get_world_size()
     if cfg.batch_size % world:
@@ -159,7 +162,7 @@ def train(cfg: TrainConfig) -> Path:
         logger.warning("no --vae-ckpt: using a seeded random-init VQ-VAE (embedded runs only)")
         vae = build_vqvae(mcfg.vae, device).eval()
     vae.requires_grad_(False)
-    tokens = _load_tokens(cfg, vae)
+    tokens = tokens if tokens is not None else _load_tokens(cfg, vae)
 
     model = build_model(mcfg, device="cpu", init=False)
     torch.manual_seed(cfg.seed)
