@@ -193,6 +193,10 @@ PRESETS: dict[str, ModelConfig] = _build_presets()
 VAE_PRESETS: dict[str, VQVAEConfig] = {
     "vae-tiny": TINY_VAE,
     "vae-paper": VQVAEConfig(),  # vae_ch160v4096z32.pth
+    # CI size: 16 px, four scales, 32 codes (tests and smoke runs of the trainer, seconds).
+    "vae-micro": VQVAEConfig(
+        vocab_size=32, Cvae=8, ch=32, ch_mult=(1, 2), num_res_blocks=1, patch_nums=(1, 2, 4, 8)
+    ),
 }
 
 # Sampling settings per released checkpoint (MVAR §5, VAR §3 "FID settings").

@@ -463,19 +463,32 @@ class MultiScaleQuantizer(nn.Module):
 
     @torch.no_grad()
     def sample_residuals(self, rests: Sequence[Tensor], n: int, generator: torch.Generator) -> Tensor:
-        """n vectors drawn from the residual rows ``rests`` (one [rows, Cvae] tensor per scale)
-        with EQUAL weight per scale, so the small scales (1..16 tokens per image, the ones
-        known to collapse: FoundationVision/VAR issues 22, 123, 170, 175) get codes near
-        their own residuals; a little noise keeps two draws of one row apart."""
+        """n vectors drawn from the residual rows ``rests`` (one [rows, Cvae] tensor per scale).
+
+        Each draw first picks a scale with EQUAL probability, so the small scales (1..16
+        tokens per image, the ones known to collapse: FoundationVision/VAR issues 22, 123,
+        170, 175) get codes near their own residuals; within the scale a row is picked with
+        probability proportional to its squared distance to its nearest code (k-means++
+        seeding), so new codes go where the codebook serves the residuals worst. A little
+        noise keeps two draws of one row apart.
+        """
+        if n == 0:
+            return torch.zeros(0, self.Cvae)
         S = len(rests)
         scale_n = torch.randint(S, (n,), generator=generator)
-        rows = torch.tensor([r.shape[0] for r in rests])[scale_n]
-        pick_n = (torch.rand(n, generator=generator) * rows).long().clamp_max(rows - 1)
-        out_nCv = torch.stack(
-            [rests[int(s)][int(i)].float().cpu() for s, i in zip(scale_n, pick_n)]
-        ) if n else torch.zeros(0, self.Cvae)
+        E_VCv = self.embedding.weight.detach().float().cpu()
+        out_nCv = torch.zeros(n, self.Cvae)
+        for si in range(S):
+            where = torch.nonzero(scale_n == si).flatten()
+            if where.numel() == 0:
+                continue
+            z_rCv = rests[si].detach().float().cpu()
+            err_r = (z_rCv - E_VCv[self.nearest(z_rCv)]).square().sum(1)
+            weight_r = err_r if float(err_r.sum()) > 0 else torch.ones_like(err_r)
+            pick = torch.multinomial(weight_r, where.numel(), replacement=True, generator=generator)
+            out_nCv[where] = z_rCv[pick]
         noise = torch.randn(out_nCv.shape, generator=generator)
-        return out_nCv + noise * (1e-2 * out_nCv.std().nan_to_num(1.0) if n > 1 else 1e-2)
+        return out_nCv + noise * 1e-2 * out_nCv.std().nan_to_num(1.0).clamp_min(1e-6)
 
     @torch.no_grad()
     def replace_codes(self, idx: Tensor, vectors_nCv: Tensor) -> None:
