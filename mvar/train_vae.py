@@ -270,6 +270,17 @@ def _revive_dead_codes(vae: VQVAE, opt: torch.optim.Optimizer, rests: list[Tenso
     return n
 
 
+def _check_ranks_agree(vae: VQVAE, step: int) -> None:
+    """Every rank must hold the same weights and usage statistics (DDP averages gradients,
+    revival broadcasts rank 0's draw); a per-tensor checksum, compared across ranks, catches
+    a divergence at the checkpoint instead of in the results."""
+    sums = torch.stack([t.detach().double().sum() for t in vae.state_dict().values()])
+    gathered = [torch.empty_like(sums) for _ in range(dist.get_world_size())]
+    tdist.all_gather(gathered, sums)
+    if any(not torch.equal(gathered[0], g) for g in gathered[1:]):
+        raise RuntimeError(f"ranks hold different VQ-VAE states at step {step}")
+
+
 # --------------------------------------------------------------------------------------
 # The training loop
 # --------------------------------------------------------------------------------------
@@ -327,6 +338,8 @@ def train_vae(cfg: VAETrainConfig, data: Dataset | None = None) -> Path:
     S = len(vcfg.patch_nums)
 
     def save(step: int) -> None:
+        if distributed:
+            _check_ranks_agree(vae, step)
         if rank == 0:
             state = {
                 "trainer": {"vae_wo_ddp": vae.state_dict(), "optimizer": opt.state_dict(), "step": step},
