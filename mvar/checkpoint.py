@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from mvar.build import build_model, build_vqvae
-from mvar.config import CHECKPOINT_PRESETS, ModelConfig, get_preset
+from mvar.config import CHECKPOINT_PRESETS, ModelConfig, VQVAEConfig, get_preset
 from mvar.statedict import state_dict_mismatch
 from mvar.vqvae import VQVAE, load_vqvae_state_dict
 
@@ -162,15 +162,18 @@ def load_transformer(
 
 
 def load_vqvae(
-    path: str | os.PathLike[str], cfg: ModelConfig | str, device: torch.device | str = "cpu"
+    path: str | os.PathLike[str],
+    cfg: ModelConfig | VQVAEConfig | str,
+    device: torch.device | str = "cpu",
 ) -> VQVAE:
-    """The VQ-VAE of ``cfg``'s geometry with the weights of ``path`` (plain state dict)."""
-    mcfg = get_preset(cfg) if isinstance(cfg, str) else cfg
+    """The VQ-VAE of ``cfg``'s geometry (a model preset or config, or the tokenizer's own
+    config, e.g. ``mvar.config.TINY_VAE``) with the weights of ``path`` (plain state dict)."""
+    vcfg = cfg if isinstance(cfg, VQVAEConfig) else (get_preset(cfg) if isinstance(cfg, str) else cfg).vae
     p = resolve_checkpoint(path)
     obj = read_checkpoint(p)
     if not _is_state_dict(obj):
         raise CheckpointError(f"{p} is not a VQ-VAE state dict (expected a flat name -> tensor map)")
-    vae = build_vqvae(mcfg.vae, device="cpu")
+    vae = build_vqvae(vcfg, device="cpu")
     load_vqvae_state_dict(vae, obj, str(p))
     return vae.to(device).eval()
 

@@ -3,6 +3,7 @@
     mvar presets                       list model presets and released-checkpoint settings
     mvar sample   --model mvar-tiny    image grid + per-scale progression strip
     mvar train    --model mvar-tiny    train / fine-tune (``torchrun -m mvar.train`` for DDP)
+    mvar train-vae --vae vae-tiny      train the multi-scale VQ-VAE tokenizer (``torchrun -m mvar.train_vae``)
     mvar generate ...                  50k-sample generation for FID (``torchrun -m mvar.generate``)
     mvar evaluate ...                  FID / IS / precision / recall / sFID of a sample set
 """
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 COMMANDS = {
     "sample": "mvar.visualize",
     "train": "mvar.train",
+    "train-vae": "mvar.train_vae",
     "generate": "mvar.generate",
     "evaluate": "mvar.evaluate",
 }

@@ -189,6 +189,16 @@ def _build_presets() -> dict[str, ModelConfig]:
 
 PRESETS: dict[str, ModelConfig] = _build_presets()
 
+# Tokenizer presets (``mvar.train_vae``): the embedded study's and the paper's geometry.
+VAE_PRESETS: dict[str, VQVAEConfig] = {
+    "vae-tiny": TINY_VAE,
+    "vae-paper": VQVAEConfig(),  # vae_ch160v4096z32.pth
+    # CI size: 16 px, four scales, 32 codes (tests and smoke runs of the trainer, seconds).
+    "vae-micro": VQVAEConfig(
+        vocab_size=32, Cvae=8, ch=32, ch_mult=(1, 2), num_res_blocks=1, patch_nums=(1, 2, 4, 8)
+    ),
+}
+
 # Sampling settings per released checkpoint (MVAR §5, VAR §3 "FID settings").
 SAMPLING_PRESETS: dict[str, SamplingConfig] = {
     "var-d16": SamplingConfig(1.5, 900, 0.96),
@@ -242,6 +252,14 @@ def get_preset(name: str) -> ModelConfig:
         return PRESETS[name]
     except KeyError:
         raise _unknown("model preset", name, PRESETS) from None
+
+
+def get_vae_preset(name: str) -> VQVAEConfig:
+    """The VQ-VAE config of an exact tokenizer preset name (``vae-tiny``, ``vae-paper``)."""
+    try:
+        return VAE_PRESETS[name]
+    except KeyError:
+        raise _unknown("VQ-VAE preset", name, VAE_PRESETS) from None
 
 
 def get_sampling_preset(name: str) -> SamplingConfig:

@@ -14,7 +14,8 @@ nothing here assumes 256 px, a 16×16 latent or 10 scales.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -34,6 +35,8 @@ __all__ = [
     "Encoder",
     "MultiScaleQuantizer",
     "Phi",
+    "QuantizerOutput",
+    "VQVAEOutput",
     "ResnetBlock",
     "Upsample",
     "load_vqvae_state_dict",
@@ -291,12 +294,29 @@ class _PhiPartiallyShared(nn.Module):
         self.qresi_ls = nn.ModuleList(Phi(channels, quant_resi) for _ in range(num_convs))
 
 
+class _ScaleStep(NamedTuple):
+    si: int
+    z_nCv: Tensor  # the residual this scale quantizes, one row per token (detached)
+    idx_Bl: Tensor  # its nearest codes, (B, pn*pn)
+    fhat_BCvNN: Tensor  # cumulative f̂ after scales 0..si (on the graph of codebook and φ)
+
+
+class QuantizerOutput(NamedTuple):
+    """What the training forward returns (a tuple, so DDP finds the tensors in it)."""
+
+    fhat_BCvNN: Tensor  # straight-through f̂: value f̂, gradient into f
+    vq_loss: Tensor  # scalar, averaged over scales
+    hit_SV: Tensor  # this process's code hit counts per scale, float
+    rest_nCv: list[Tensor]  # per scale, the residual rows that were quantized (detached)
+
+
 class MultiScaleQuantizer(nn.Module):
     """Residual quantization over the scales ``patch_nums`` with a codebook ``embedding``.
 
     Official parameter names (``quantize.*``): ``embedding.weight`` [V, Cvae],
     ``quant_resi.qresi_ls.{k}.{weight,bias}``, and the statistics buffer
-    ``ema_vocab_hit_SV`` [S, V] (training statistics only; never read here).
+    ``ema_vocab_hit_SV`` [S, V] (EMA of code hits per scale: written and read only in
+    training, by :meth:`record_usage` and :meth:`dead_codes`).
     """
 
     def __init__(self, cfg: VQVAEConfig) -> None:
@@ -313,6 +333,7 @@ class MultiScaleQuantizer(nn.Module):
             raise ValueError(f"quant_resi must be non-zero, got {cfg.quant_resi}")
         self.patch_nums = tuple(cfg.patch_nums)
         self.Cvae = cfg.Cvae
+        self.vocab_size = cfg.vocab_size
         self.phi_index = phi_indices(len(self.patch_nums), cfg.share_quant_resi)
         self.register_buffer("ema_vocab_hit_SV", torch.zeros(len(self.patch_nums), cfg.vocab_size))
         self.quant_resi = _PhiPartiallyShared(cfg.Cvae, cfg.quant_resi, cfg.share_quant_resi)
@@ -335,7 +356,7 @@ class MultiScaleQuantizer(nn.Module):
         in fp32 (VAR §1), argmin with the first index on ties. The sum is formed in the
         official order (an addmm onto |z|²+|e|²) so near-ties break the same way."""
         z = z_nCv.float()
-        E_VCv = self.embedding.weight.float()
+        E_VCv = self.embedding.weight.detach().float()
         d_nV = z.square().sum(dim=1, keepdim=True) + E_VCv.square().sum(dim=1)
         d_nV = torch.addmm(d_nV, z, E_VCv.T, beta=1, alpha=-2)
         return torch.argmin(d_nV, dim=1)
@@ -349,26 +370,133 @@ class MultiScaleQuantizer(nn.Module):
         B = idx_Bl.shape[0]
         return self.embedding(idx_Bl).transpose(1, 2).reshape(B, self.Cvae, pn, pn)
 
-    def f_to_idx(self, f_BCvNN: Tensor) -> list[Tensor]:
-        """Tokens of each scale for the latent f (VAR §1 "encode to tokens")."""
-        B, C, H, W = f_BCvNN.shape
+    def _check_latent(self, f_BCvNN: Tensor) -> None:
         N = self.patch_nums[-1]
-        if (H, W) != (N, N) or C != self.Cvae:
+        if f_BCvNN.dim() != 4 or f_BCvNN.shape[1:] != (self.Cvae, N, N):
             raise ValueError(
                 f"expected a latent of shape (B, {self.Cvae}, {N}, {N}), got {tuple(f_BCvNN.shape)}"
             )
+
+    def _residual_scales(self, f_BCvNN: Tensor) -> Iterator[_ScaleStep]:
+        """The multi-scale residual quantization (VAR §1 "encode to tokens"), one scale at a
+        time: the one definition behind both :meth:`f_to_idx` and the training :meth:`forward`.
+
+        For each scale: z = area-down(rest, pn) (the rest itself at the last scale), the
+        nearest codes of z, h = φ(bicubic-up(E[idx])) (no up at the last scale), f̂ += h,
+        rest -= h. The rest is detached (it only selects codes); f̂ keeps the graph through
+        the codebook and φ, so the training loss reaches both.
+        """
+        self._check_latent(f_BCvNN)
+        B, C = f_BCvNN.shape[:2]
         S = len(self.patch_nums)
         f_rest = f_BCvNN.detach().float().clone()
-        idx_Bl: list[Tensor] = []
+        fhat_BCvNN = torch.zeros_like(f_rest)
         for si, pn in enumerate(self.patch_nums):
             last = si == S - 1
             z_BCvpp = f_rest if last else self._down(f_rest, pn)
-            idx_n = self.nearest(z_BCvpp.permute(0, 2, 3, 1).reshape(-1, C))
-            idx_Bl.append(idx_n.reshape(B, pn * pn))
-            h_BCvpp = self.embed(idx_Bl[-1], pn)
+            z_nCv = z_BCvpp.permute(0, 2, 3, 1).reshape(-1, C)
+            idx_Bl = self.nearest(z_nCv).reshape(B, pn * pn)
+            h_BCvpp = self.embed(idx_Bl, pn)
             h_BCvNN = self.phi(si)(h_BCvpp if last else self._up(h_BCvpp))
-            f_rest.sub_(h_BCvNN)
-        return idx_Bl
+            fhat_BCvNN = fhat_BCvNN + h_BCvNN
+            # Same arithmetic as the official in-place ``f_rest -= h`` (bitwise), off the graph.
+            f_rest = f_rest - h_BCvNN.detach()
+            yield _ScaleStep(si, z_nCv, idx_Bl, fhat_BCvNN)
+
+    @torch.no_grad()
+    def f_to_idx(self, f_BCvNN: Tensor) -> list[Tensor]:
+        """Tokens of each scale for the latent f (VAR §1 "encode to tokens")."""
+        return [step.idx_Bl for step in self._residual_scales(f_BCvNN)]
+
+    def forward(self, f_BCvNN: Tensor, beta: float = 0.25) -> QuantizerOutput:
+        """Training forward (the semantics of VAR's ``VectorQuantizer2``).
+
+        Per scale s, with f̂_s the cumulative f̂ after scales 0..s:
+        ``β·mse(sg[f̂_s], f)`` (commitment: pulls the encoder towards its quantization) +
+        ``mse(f̂_s, sg[f])`` (moves the codebook and φ towards the encoder), averaged over the
+        scales (β = 0.25 is ``VectorQuantizer2``'s default). The returned f̂ is
+        straight-through: its value is f̂, its gradient goes to f unchanged, so the
+        reconstruction loss trains the encoder through the non-differentiable code choice.
+        """
+        f_no_grad = f_BCvNN.detach()
+        vq_loss = f_BCvNN.new_zeros(())
+        hits: list[Tensor] = []
+        rests: list[Tensor] = []
+        fhat_BCvNN = f_no_grad
+        for step in self._residual_scales(f_BCvNN):
+            fhat_BCvNN = step.fhat_BCvNN
+            vq_loss = vq_loss + beta * F.mse_loss(fhat_BCvNN.detach(), f_BCvNN)
+            vq_loss = vq_loss + F.mse_loss(fhat_BCvNN, f_no_grad)
+            hits.append(torch.bincount(step.idx_Bl.flatten(), minlength=self.vocab_size))
+            rests.append(step.z_nCv)
+        fhat_ste = (fhat_BCvNN.detach() - f_no_grad) + f_BCvNN
+        return QuantizerOutput(
+            fhat_ste, vq_loss / len(self.patch_nums), torch.stack(hits).float(), rests
+        )
+
+    # --- codebook usage and dead codes (training only) ---------------------------------
+
+    @torch.no_grad()
+    def record_usage(self, hit_SV: Tensor, step: int) -> None:
+        """Fold one step's hit counts [S, V] (summed over every rank) into the EMA buffer
+        ``ema_vocab_hit_SV``: the first step copies, then decay 0.9 for the first 100 steps and
+        0.99 afterwards (``VectorQuantizer2``'s schedule). The decay is a function of ``step``,
+        not of a call counter, so a resumed run updates exactly as an uninterrupted one."""
+        ema = self.ema_vocab_hit_SV
+        if hit_SV.shape != ema.shape:
+            raise ValueError(f"hit counts must be {tuple(ema.shape)}, got {tuple(hit_SV.shape)}")
+        if step == 0:
+            ema.copy_(hit_SV)
+        else:
+            keep = 0.9 if step < 100 else 0.99
+            ema.mul_(keep).add_(hit_SV.to(ema.dtype), alpha=1 - keep)
+
+    def relative_usage(self) -> Tensor:
+        """[S, V]: each code's EMA hit rate at each scale relative to the uniform rate
+        (1/V of that scale's tokens), so scales with 1 and 256 tokens per image compare."""
+        ema = self.ema_vocab_hit_SV
+        return ema * self.vocab_size / ema.sum(dim=1, keepdim=True).clamp_min(1e-12)
+
+    def dead_codes(self, threshold: float) -> Tensor:
+        """Indices of the codes whose relative usage is below ``threshold`` at every scale."""
+        return torch.nonzero(self.relative_usage().amax(dim=0) < threshold).flatten()
+
+    @torch.no_grad()
+    def sample_residuals(self, rests: Sequence[Tensor], n: int, generator: torch.Generator) -> Tensor:
+        """n vectors drawn from the residual rows ``rests`` (one [rows, Cvae] tensor per scale).
+
+        Each draw first picks a scale with EQUAL probability, so the small scales (1..16
+        tokens per image, the ones known to collapse: FoundationVision/VAR issues 22, 123,
+        170, 175) get codes near their own residuals; within the scale a row is picked with
+        probability proportional to its squared distance to its nearest code (k-means++
+        seeding), so new codes go where the codebook serves the residuals worst. A little
+        noise keeps two draws of one row apart.
+        """
+        if n == 0:
+            return torch.zeros(0, self.Cvae)
+        S = len(rests)
+        scale_n = torch.randint(S, (n,), generator=generator)
+        E_VCv = self.embedding.weight.detach().float().cpu()
+        out_nCv = torch.zeros(n, self.Cvae)
+        for si in range(S):
+            where = torch.nonzero(scale_n == si).flatten()
+            if where.numel() == 0:
+                continue
+            z_rCv = rests[si].detach().float().cpu()
+            err_r = (z_rCv - E_VCv[self.nearest(z_rCv)]).square().sum(1)
+            weight_r = err_r if float(err_r.sum()) > 0 else torch.ones_like(err_r)
+            pick = torch.multinomial(weight_r, where.numel(), replacement=True, generator=generator)
+            out_nCv[where] = z_rCv[pick]
+        noise = torch.randn(out_nCv.shape, generator=generator)
+        return out_nCv + noise * 1e-2 * out_nCv.std().nan_to_num(1.0).clamp_min(1e-6)
+
+    @torch.no_grad()
+    def replace_codes(self, idx: Tensor, vectors_nCv: Tensor) -> None:
+        """Overwrite the codes ``idx`` and zero their usage statistics (a revived code must
+        earn its place again before the next check)."""
+        w = self.embedding.weight
+        w[idx] = vectors_nCv.to(device=w.device, dtype=w.dtype)
+        self.ema_vocab_hit_SV[:, idx] = 0
 
     def _check_idx(self, idx_Bl: Sequence[Tensor], need: int) -> None:
         if len(idx_Bl) < need:
@@ -423,11 +551,19 @@ class MultiScaleQuantizer(nn.Module):
 # --------------------------------------------------------------------------------------
 
 
+class VQVAEOutput(NamedTuple):
+    rec_B3HW: Tensor  # decoder output, unclamped
+    vq_loss: Tensor
+    hit_SV: Tensor
+    rest_nCv: list[Tensor]
+
+
 class VQVAE(nn.Module):
     """VAR's multi-scale residual VQ-VAE; images in [-1, 1] (VAR §1).
 
     Submodules (official names): ``encoder``, ``decoder``, ``quantize``, ``quant_conv``,
-    ``post_quant_conv``. The model is meant to be used frozen; nothing here trains it.
+    ``post_quant_conv``. The transformers use it frozen (``img_to_idx`` ... ``fhat_to_img``);
+    :meth:`forward` is the training pass (``mvar.train_vae``).
     """
 
     def __init__(self, cfg: VQVAEConfig) -> None:
@@ -448,15 +584,26 @@ class VQVAE(nn.Module):
         """The φ conv used by each scale, e.g. (0,0,1,1,1,2,2,3,3,3) for 10 scales, K = 4."""
         return self.quantize.phi_index
 
-    @torch.no_grad()
-    def img_to_idx(self, img_B3HW: Tensor) -> list[Tensor]:
-        """Tokens per scale, each (B, pn*pn) int64, of images in [-1, 1]."""
+    def forward(self, img_B3HW: Tensor, beta: float = 0.25) -> VQVAEOutput:
+        """Training pass: reconstruction (unclamped) from the straight-through f̂, the vq loss
+        and the quantizer's statistics (:meth:`MultiScaleQuantizer.forward`)."""
+        self._check_images(img_B3HW)
+        q = self.quantize(self.quant_conv(self.encoder(img_B3HW)), beta)
+        rec_B3HW = self.decoder(self.post_quant_conv(q.fhat_BCvNN))
+        return VQVAEOutput(rec_B3HW, q.vq_loss, q.hit_SV, q.rest_nCv)
+
+    def _check_images(self, img_B3HW: Tensor) -> None:
         size = self.cfg.image_size
         if img_B3HW.dim() != 4 or img_B3HW.shape[1:] != (3, size, size):
             raise ValueError(
                 f"expected images of shape (B, 3, {size}, {size}) for patch_nums "
                 f"{self.cfg.patch_nums}, got {tuple(img_B3HW.shape)}"
             )
+
+    @torch.no_grad()
+    def img_to_idx(self, img_B3HW: Tensor) -> list[Tensor]:
+        """Tokens per scale, each (B, pn*pn) int64, of images in [-1, 1]."""
+        self._check_images(img_B3HW)
         return self.quantize.f_to_idx(self.quant_conv(self.encoder(img_B3HW)))
 
     def idx_to_teacher_input(self, idx_Bl: list[Tensor]) -> Tensor:

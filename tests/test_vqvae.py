@@ -113,11 +113,11 @@ def test_ema_buffer_of_another_length_loads() -> None:
 
 
 def test_bad_state_dict_names_every_problem() -> None:
-    vae = _tiny_vae(VQVAEConfig(vocab_size=512, ch=32))  # the parity fixture's geometry
+    vae = _tiny_vae()
     sd = dict(vae.state_dict())
-    del sd["decoder.up.4.attn.2.qkv.weight"]
-    sd["quantize.embedding.weight"] = torch.zeros(4096, 32)
-    sd["quant_conv.bias"] = torch.zeros(16)
+    del sd["decoder.up.1.attn.1.qkv.weight"]  # the tiny VAE's lowest-resolution level is 1
+    sd["quantize.embedding.weight"] = torch.zeros(4096, 16)
+    sd["quant_conv.bias"] = torch.zeros(8)
     sd["quantize.ema_vocab_hit_SV"] = torch.zeros(10, 4096)  # wrong vocabulary
     sd["encoder.extra.weight"] = torch.zeros(1)
     before = vae.quantize.embedding.weight.clone()
@@ -125,12 +125,12 @@ def test_bad_state_dict_names_every_problem() -> None:
         load_vqvae_state_dict(vae, sd, source="my_vae.pth")
     msg = str(err.value)
     assert "my_vae.pth" in msg
-    assert "missing keys (1): decoder.up.4.attn.2.qkv.weight" in msg
+    assert "missing keys (1): decoder.up.1.attn.1.qkv.weight" in msg
     assert "unexpected keys (1): encoder.extra.weight" in msg
     assert "shape mismatches (3)" in msg
-    assert "quantize.embedding.weight: expected (512, 32), found (4096, 32)" in msg
-    assert "quant_conv.bias: expected (32,), found (16,)" in msg
-    assert "quantize.ema_vocab_hit_SV: expected (10, 512), found (10, 4096)" in msg
+    assert "quantize.embedding.weight: expected (256, 16), found (4096, 16)" in msg
+    assert "quant_conv.bias: expected (16,), found (8,)" in msg
+    assert "quantize.ema_vocab_hit_SV: expected (10, 256), found (10, 4096)" in msg
     # Nothing was half-loaded.
     assert torch.equal(vae.quantize.embedding.weight, before)
 
@@ -141,7 +141,8 @@ def test_bad_state_dict_names_every_problem() -> None:
 def test_stepwise_ar_inputs_match_fhat_and_teacher_input() -> None:
     vae = _tiny_vae(seed=3)
     torch.manual_seed(4)
-    img = torch.rand(2, 3, 32, 32) * 2 - 1
+    size = vae.cfg.image_size
+    img = torch.rand(2, 3, size, size) * 2 - 1
     idx_Bl = vae.img_to_idx(img)
     pns = vae.cfg.patch_nums
     with torch.no_grad():
