@@ -76,7 +76,7 @@ def table2_rows(r: StudyResult) -> list[ResultRow]:
 def tokenizer_rows(r: StudyResult) -> list[ResultRow]:
     env = capture_environment(r.device, "float32")
     rows, rep = [], r.vae_report
-    n = int(rep.get("images", 0)) or None
+    n = int(rep["num_images"])
     rows.append(make_row(env, "tokenizer-embedded", "vqvae", "psnr", rep["psnr"], method="measured",
                          unit="dB", batch=n, paper_value=None))  # fmt: skip
     for si, u in enumerate(rep["usage_per_scale"]):
