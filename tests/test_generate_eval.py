@@ -83,8 +83,11 @@ def test_folder_name_encodes_every_setting() -> None:
         "model": "other", "checkpoint": "ckpt2", "cfg": 2.0, "top_k": 1, "top_p": 0.5,
         "more_smooth": True, "seed": 7, "seed_mode": "fixed", "per_class": 4,
         "classes": (0, 1, 5), "batch_size": 3, "uint8": "truncate", "dtype": "bfloat16",
+        "checkpoint_sha256": "ab" * 32, "vae_checkpoint": "vae2", "vae_sha256": "cd" * 32,
+        "na_backend": "dense", "device": "cuda",
     }  # fmt: skip
-    assert set(changed) == {f.name for f in dataclasses.fields(GenerationSettings)}
+    # code_version is recorded in settings.json and compared on resume, not in the name.
+    assert set(changed) | {"code_version"} == {f.name for f in dataclasses.fields(GenerationSettings)}
     names = {base.folder_name()}
     for field, value in changed.items():
         names.add(dataclasses.replace(base, **{field: value}).folder_name())
@@ -154,7 +157,7 @@ def test_folder_with_other_settings_is_refused(tmp_path: Path) -> None:
     other = json.loads((folder / "settings.json").read_text())
     other["top_k"] = 5
     (folder / "settings.json").write_text(json.dumps(other))
-    with pytest.raises(ValueError, match=r"other settings \(differs in \['top_k'\]\)"):
+    with pytest.raises(ValueError, match=r"other settings \(differs in \['top_k'\]: .*--overwrite"):
         generate_samples(FakeSampler(), s, tmp_path)
 
 
