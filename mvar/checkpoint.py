@@ -139,17 +139,18 @@ def extract_transformer_state_dict(obj: Any, source: str) -> dict[str, Tensor]:
                 candidates += [(prefix + k, holder[k]) for k in ("mvar_wo_ddp", "var_wo_ddp")
                                if k in holder]  # fmt: skip
     for where, cand in reversed(candidates):
+        if _is_state_dict(cand) and looks_like_vqvae(cand):
+            raise CheckpointError(
+                f"{source} looks like a VQ-VAE checkpoint (its keys are encoder./decoder./"
+                "quantize.), not a transformer; pass it as --vae-ckpt and the VAR/MVAR weights "
+                "as --ckpt"
+            )
         if _is_state_dict(cand):
             sd = dict(cand)
             if sd and all(k.startswith("module.") for k in sd):  # saved from a DDP wrapper
                 sd = {k[len("module."):]: v for k, v in sd.items()}
             logger.debug("%s: state dict found at %s (%d tensors)", source, where, len(sd))
             return sd
-    if isinstance(obj, Mapping) and looks_like_vqvae(obj):
-        raise CheckpointError(
-            f"{source} looks like a VQ-VAE checkpoint (its keys are encoder./decoder./quantize.), "
-            "not a transformer; pass it as --vae-ckpt and the VAR/MVAR weights as --ckpt"
-        )
     top = sorted(obj.keys())[:20] if isinstance(obj, Mapping) else type(obj).__name__
     raise CheckpointError(
         f"{source} holds no transformer state dict: expected a plain state dict, "
