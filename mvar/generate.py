@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 Uint8Mode = Literal["round", "truncate"]
 SeedMode = Literal["per-batch", "fixed"]
 SETTINGS_FILE = "settings.json"
+#: settings.json keys recorded for reading only, not compared on resume.
+INFO_KEYS = frozenset({"git_sha"})
 PNG_RE = re.compile(r"^(\d{6,})\.png$")
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -176,6 +178,9 @@ class GenerationSettings:
         d["labels"] = "class-ordered: image i has class classes[i // per_class]"
         d["g_seed"] = "seed + batch index" if self.seed_mode == "per-batch" else "seed"
         d["content_key"] = self.content_key()
+        from mvar.env import git_sha
+
+        d["git_sha"] = git_sha()  # for reading; the compared code id is code_version
         return d
 
     def content_key(self) -> str:
@@ -230,7 +235,8 @@ def _prepare_folder(folder: Path, settings: GenerationSettings, overwrite: bool 
                 have = json.loads(path.read_text())
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 have = {"<unreadable settings.json>": str(e)}
-            diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+            diff = sorted(k for k in set(want) | set(have)
+                          if k not in INFO_KEYS and want.get(k) != have.get(k))  # fmt: skip
             if diff and overwrite:
                 log.warning("%s held samples made with other settings (differs in %s): "
                             "deleting them (--overwrite)", folder, diff)  # fmt: skip
@@ -289,6 +295,11 @@ def generate_samples(
     alone. ``max_batches`` stops this process after sampling that many batches (skipped,
     already complete batches do not count) — an interruption on purpose, for tests.
     """
+    provenance = getattr(sampler, "provenance", None) or {}
+    wrong = {k: (getattr(settings, k), v) for k, v in provenance.items() if getattr(settings, k) != v}
+    if wrong:  # the folder would be keyed by weights or a kernel other than those that run
+        raise ValueError(f"settings disagree with the sampler's weights/kernel {wrong}; build them "
+                         "with GenerationSettings(..., **sampler.provenance)")  # fmt: skip
     folder = Path(out_dir) / settings.folder_name()
     _prepare_folder(folder, settings, overwrite)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -472,11 +483,18 @@ class ModelSampler:
 
 
 def code_version() -> str:
-    """``<mvar version>+<git SHA>`` (``-dirty`` with local changes): what code made a result."""
+    """``<mvar version>+src.<hash>``: the sha256 (12 hex) of the package's Python sources
+    (``mvar/``, ``baselines/``), so a sample folder is tied to the code that made its pixels,
+    committed or not, while edits elsewhere (docs, reports) do not invalidate it. The git SHA
+    is recorded beside it for reading (``settings.json`` ``git_sha``), not compared."""
     from mvar import __version__
-    from mvar.env import git_sha
 
-    return f"{__version__}+{git_sha()}"
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for pkg in ("mvar", "baselines"):
+        for f in sorted((root / pkg).rglob("*.py")):
+            h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return f"{__version__}+src.{h.hexdigest()[:12]}"
 
 
 def resolve_na_backend(model: torch.nn.Module, device: torch.device | str, dtype: str) -> str:
