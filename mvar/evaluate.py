@@ -279,8 +279,7 @@ def evaluate(
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if not samples.exists():
         raise FileNotFoundError(
-            f"samples {samples} not found (looked at {samples.resolve()}); make them with "
-            "`python -m mvar.generate ... --npz`"
+            f"samples {samples} not found (looked at {samples.resolve()}); make them with `mvar generate ... --npz`"
         )
     if not reference.exists():
         raise missing_file_error(

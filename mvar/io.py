@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -121,19 +122,19 @@ def safe_torch_load(path: str | os.PathLike[str], what: str = "weights file") ->
     except pickle.UnpicklingError as e:
         # torch's message advises weights_only=False, i.e. running the file's code: never pass
         # that on. Name the offending global instead (the last line of torch's message).
-        detail = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        culprit = next((ln for ln in detail if "GLOBAL" in ln or "Unsupported" in ln), "")
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        culprit = f" (found {found.group(1)})" if found else ""
         raise UnsafeOrUnreadableFile(
-            f"{what} {p} holds Python objects other than tensors and containers, which are "
-            f"refused (unpickling them could run code); expected a state dict saved with "
-            f"torch.save" + (f" [{culprit[:200]}]" if culprit else "")
+            f"{what} {p} holds Python objects other than tensors and containers{culprit}, which "
+            f"are refused (unpickling them could run code); expected a state dict saved with "
+            f"torch.save"
         ) from None
     except Exception as e:  # noqa: BLE001  (zip/EOF/format errors all mean the same here)
         size = p.stat().st_size if p.exists() else 0
-        first = str(e).splitlines()[0] if str(e) else ""
+        first = (str(e).splitlines() or [""])[0].split(". ")[0][:160]
         raise UnsafeOrUnreadableFile(
             f"{what} {p} ({size:,} bytes) is not a readable torch.save file (truncated "
-            f"download, or another format): {type(e).__name__}: {first[:200]}"
+            f"download, or another format): {type(e).__name__}: {first}"
         ) from None
 
 
