@@ -8,7 +8,7 @@ Formats accepted (VAR.md §2, MVAR.md §4):
   (also our own trainer's files, which use the same layout).
 * the VQ-VAE ``vae_ch160v4096z32.pth``: a plain state dict.
 
-Every file is read with ``torch.load(weights_only=True)``: a checkpoint is untrusted input.
+Every file is read with ``torch.load(weights_only=True)`` (``mvar.io.safe_torch_load``): a checkpoint is untrusted input.
 Errors name the file, what was wrong and what was expected; a missing file also says where we
 looked and where to download it.
 """
@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from mvar.build import build_model, build_vqvae
 from mvar.config import CHECKPOINT_PRESETS, ModelConfig, VQVAEConfig, get_preset
+from mvar.io import UnsafeOrUnreadableFile, safe_torch_load
 from mvar.statedict import state_dict_mismatch
 from mvar.vqvae import VQVAE, load_vqvae_state_dict
 
@@ -65,6 +66,10 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
     p = Path(path).expanduser()
     if p.is_file():
         return p
+    if p.is_dir():
+        raise CheckpointError(
+            f"checkpoint {p} is a directory; expected a .pth file (e.g. {p / 'last.pth'})"
+        )
     looked = [p.resolve()]
     if not p.is_absolute() and len(p.parts) == 1:
         for d in checkpoint_dirs():
@@ -91,15 +96,32 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Any:
     """``torch.load(weights_only=True)`` of a resolved file, with errors that say why."""
     p = resolve_checkpoint(path)
     try:
-        return torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
-        size = p.stat().st_size
-        raise CheckpointError(
-            f"{p} ({size:,} bytes) is not a readable PyTorch checkpoint: the file may be "
-            f"truncated (an interrupted download) or not a torch.save file, or it holds objects "
-            f"that weights_only=True refuses. Expected a state dict saved with torch.save. "
-            f"Underlying error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        ) from e
+        return safe_torch_load(p, "checkpoint")
+    except UnsafeOrUnreadableFile as e:
+        raise CheckpointError(str(e)) from None
+
+
+#: Key prefixes of a VQ-VAE state dict (``mvar.vqvae.VQVAE``), to recognise one passed where a
+#: transformer was expected.
+_VQVAE_KEY_PREFIXES = ("encoder.", "decoder.", "quantize.", "quant_conv.", "post_quant_conv.")
+
+
+def looks_like_vqvae(sd: Mapping[str, Any]) -> bool:
+    keys = [k for k in sd if isinstance(k, str)]
+    return bool(keys) and sum(k.startswith(_VQVAE_KEY_PREFIXES) for k in keys) > len(keys) // 2
+
+
+def warn_non_finite(sd: Mapping[str, Tensor], source: str) -> list[str]:
+    """Log a warning naming the tensors of ``sd`` holding NaN or inf; returns their names.
+    (A warning, not an error: a diverged run's last checkpoint is still worth inspecting.)"""
+    bad = [k for k, v in sd.items()
+           if isinstance(v, Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]  # fmt: skip
+    if bad:
+        logger.warning(
+            "%s: %d tensor(s) hold NaN or inf values (%s%s); results from these weights will be "
+            "NaN", source, len(bad), ", ".join(bad[:5]), ", ..." if len(bad) > 5 else "",
+        )  # fmt: skip
+    return bad
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -117,6 +139,12 @@ def extract_transformer_state_dict(obj: Any, source: str) -> dict[str, Tensor]:
                 candidates += [(prefix + k, holder[k]) for k in ("mvar_wo_ddp", "var_wo_ddp")
                                if k in holder]  # fmt: skip
     for where, cand in reversed(candidates):
+        if _is_state_dict(cand) and looks_like_vqvae(cand):
+            raise CheckpointError(
+                f"{source} looks like a VQ-VAE checkpoint (its keys are encoder./decoder./"
+                "quantize.), not a transformer; pass it as --vae-ckpt and the VAR/MVAR weights "
+                "as --ckpt"
+            )
         if _is_state_dict(cand):
             sd = dict(cand)
             if sd and all(k.startswith("module.") for k in sd):  # saved from a DDP wrapper
@@ -144,6 +172,7 @@ def load_transformer_state_dict(
             + "\n  ".join(problems)
         )
     model.load_state_dict(sd, strict=True)
+    warn_non_finite(sd, source)
     logger.info("loaded transformer weights from %s", source)
 
 
@@ -173,8 +202,14 @@ def load_vqvae(
     obj = read_checkpoint(p)
     if not _is_state_dict(obj):
         raise CheckpointError(f"{p} is not a VQ-VAE state dict (expected a flat name -> tensor map)")
+    if not looks_like_vqvae(obj):
+        raise CheckpointError(
+            f"{p} is not a VQ-VAE checkpoint (no encoder./decoder./quantize. keys; a transformer "
+            "checkpoint?); pass the VQ-VAE as --vae-ckpt"
+        )
     vae = build_vqvae(vcfg, device="cpu")
     load_vqvae_state_dict(vae, obj, str(p))
+    warn_non_finite(obj, str(p))
     return vae.to(device).eval()
 
 

@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import time
+import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -41,9 +42,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mvar.generate import list_pngs
+from mvar.generate import list_pngs, png_name
 from mvar.inception import SFID_STATUS, Features, InceptionExtractor
-from mvar.io import atomic_write, atomic_write_json
+from mvar.io import atomic_write, atomic_write_json, check_output_file
 from mvar.metrics import (
     IS_SHUFFLE_SEED,
     REFERENCE_ENV,
@@ -67,6 +68,8 @@ CSV_COLUMNS: tuple[str, ...] = (
     "timestamp", "samples", "reference", "num_samples", "fid", "is_mean", "is_std",
     "precision", "recall", "sfid", "fid_status", "is_status", "pr_status", "sfid_status",
     "reference_sha256", "inception_weights_sha256", "extractor", "device", "torch", "git_sha",
+    "na_backend", "sample_dtype", "sample_device", "checkpoint_sha256", "vae_sha256",
+    "samples_content_key",
 )  # fmt: skip
 
 
@@ -76,11 +79,40 @@ CSV_COLUMNS: tuple[str, ...] = (
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+#: Bumped when the feature extraction changes what it computes (invalidates feature caches).
+CACHE_VERSION = "features-v2"
 
 
 def _png_files(folder: Path) -> list[Path]:
-    """A sample folder's NNNNNN.png in index order, else every image file sorted by name."""
-    files = list_pngs(folder) or sorted(
+    """A sample folder's NNNNNN.png in index order, else every image file sorted by name.
+
+    A numbered folder must be complete: indices 0..N-1 with no gap, and N equal to
+    ``num_images`` of its settings.json when it has one (an interrupted generation is never
+    scored as if it were the whole set)."""
+    files = list_pngs(folder)
+    if files:
+        settings = folder / "settings.json"
+        expected = None
+        if settings.is_file():
+            try:
+                expected = int(json.loads(settings.read_text())["num_images"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{settings} is unreadable or lacks num_images ({e})") from None
+        n = expected if expected is not None else len(files)
+        names = {p.name for p in files}
+        missing = [png_name(i) for i in range(n) if png_name(i) not in names]
+        extra = len(files) - (n - len(missing))
+        if missing or extra:
+            what = f"{len(missing)} of {n} images missing (first: {missing[:3]})" if missing else ""
+            if extra:
+                what += ("; " if what else "") + f"{extra} numbered PNGs beyond index {n - 1}"
+            raise ValueError(
+                f"sample folder {folder} is incomplete: {what}"
+                + (f" (settings.json says {expected})" if expected is not None else " (numbering gaps)")
+                + "; finish it with `mvar generate` (same arguments) before scoring"
+            )
+        return files
+    files = sorted(
         p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
     )
     if not files:
@@ -88,14 +120,45 @@ def _png_files(folder: Path) -> list[Path]:
     return files
 
 
+def _open_rgb(p: Path) -> np.ndarray:
+    try:
+        with Image.open(p) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"image {p} is unreadable or truncated ({e})") from None
+
+
+def _npz_images_shape(source: Path) -> tuple[int, ...]:
+    """Shape of an image npz's ``arr_0`` (uint8 N, H, W, 3); errors name the file."""
+    try:
+        keys = npz_keys(source)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise ValueError(f"{source} is not an npz (zip) file ({e}); expected an npz with arr_0 "
+                         "uint8 (N, H, W, 3) or a PNG folder") from None  # fmt: skip
+    if "arr_0" not in keys:
+        raise ValueError(f"{source} has no arr_0 (it has {sorted(keys)}); expected the images as "
+                         "arr_0 uint8 (N, H, W, 3)")  # fmt: skip
+    shape, dtype = npz_array_shape(source, "arr_0")
+    if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
+        raise ValueError(f"{source}: arr_0 must be uint8 (N, H, W, 3), got {dtype} {shape}")
+    return tuple(shape)
+
+
+def image_size(source: Path, files: list[Path] | None = None) -> tuple[int, int]:
+    """(H, W) of a source's images (its first image; iter_images checks the rest)."""
+    if source.is_dir():
+        files = files if files is not None else _png_files(source)
+        h, w = _open_rgb(files[0]).shape[:2]
+        return int(h), int(w)
+    shape = _npz_images_shape(source)
+    return int(shape[1]), int(shape[2])
+
+
 def count_images(source: Path, files: list[Path] | None = None) -> int:
     """Images in a folder or an npz ``arr_0`` (``files``: the folder's listing, if known)."""
     if source.is_dir():
         return len(files if files is not None else _png_files(source))
-    shape, dtype = npz_array_shape(source, "arr_0")
-    if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
-        raise ValueError(f"{source}: arr_0 must be uint8 (N, H, W, 3), got {dtype} {shape}")
-    return int(shape[0])
+    return int(_npz_images_shape(source)[0])
 
 
 def iter_images(
@@ -106,7 +169,7 @@ def iter_images(
     if source.is_dir():
         files = files if files is not None else _png_files(source)
         for lo in range(0, len(files), batch):
-            imgs = [np.asarray(Image.open(p).convert("RGB")) for p in files[lo : lo + batch]]
+            imgs = [_open_rgb(p) for p in files[lo : lo + batch]]
             shapes = {im.shape for im in imgs}
             if len(shapes) > 1:
                 raise ValueError(
@@ -124,6 +187,9 @@ def source_fingerprint(source: Path, files: list[Path] | None = None) -> str:
     if not source.is_dir():
         return sha256_file(source)
     h = hashlib.sha256()
+    settings = source / "settings.json"  # the content key of what made the pixels
+    if settings.is_file():
+        h.update(settings.read_bytes())
     for p in files if files is not None else _png_files(source):
         st = p.stat()
         h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
@@ -143,8 +209,11 @@ def extract_source(
     cache = None
     if cache_dir is not None:
         fingerprint = fingerprint or source_fingerprint(source, files)
+        # Keyed by content: the images, the weights, the batch and the device (GPU and CPU
+        # convolutions round differently).
         key = hashlib.sha256(
-            f"{fingerprint}|{extractor.info.sha256}|{extractor.batch_size}".encode()
+            f"{fingerprint}|{extractor.info.sha256}|{extractor.batch_size}|"
+            f"{extractor.device.type}|{CACHE_VERSION}".encode()
         ).hexdigest()[:24]
         cache = cache_dir / f"features-{key}.npz"
         if cache.is_file():
@@ -204,10 +273,13 @@ def evaluate(
     from mvar.env import device_name, git_sha
 
     samples, reference = Path(samples), Path(reference)
+    for name, value in (("pr_k", pr_k), ("is_splits", is_splits), ("batch_size", batch_size),
+                        ("pr_block", pr_block)):  # fmt: skip
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if not samples.exists():
         raise FileNotFoundError(
-            f"samples {samples} not found (looked at {samples.resolve()}); make them with "
-            "`python -m mvar.generate ... --npz`"
+            f"samples {samples} not found (looked at {samples.resolve()}); make them with `mvar generate ... --npz`"
         )
     if not reference.exists():
         raise missing_file_error(
@@ -230,7 +302,13 @@ def evaluate(
         ref_mu = ref_sigma = None
         ref_images = True
     else:
-        keys = npz_keys(reference)
+        try:
+            keys = npz_keys(reference)
+        except (zipfile.BadZipFile, OSError) as e:
+            raise ValueError(
+                f"reference {reference} is not an npz (zip) file ({e}); expected an ADM reference "
+                f"batch ({REFERENCE_URL}), an image npz or an image folder"
+            ) from None
         if not ({"mu", "sigma"} <= set(keys) or "arr_0" in keys):
             raise KeyError(
                 f"reference {reference} has neither mu/sigma nor arr_0 (it has {sorted(keys)}); "
@@ -243,6 +321,22 @@ def evaluate(
             "reference_keys": sorted(ref.keys),
         }
         ref_mu, ref_sigma, ref_images = ref.mu, ref.sigma, ref.has_images
+
+    # The samples: complete, readable, at the reference's resolution (checked before any
+    # feature is extracted).
+    sample_files = _png_files(samples) if samples.is_dir() else None
+    n_samples = count_images(samples, sample_files)
+    size = image_size(samples, sample_files)
+    if ref_images:
+        ref_size = image_size(reference)
+        if ref_size != size:
+            raise ValueError(
+                f"samples {samples} are {size[0]}x{size[1]} but the reference {reference} holds "
+                f"{ref_size[0]}x{ref_size[1]} images; the protocol compares sets at one resolution"
+            )
+    if n_samples < max(2, is_splits, pr_k + 1):
+        raise ValueError(f"samples {samples}: {n_samples} images are too few (FID needs 2, IS "
+                         f"{is_splits} splits, precision/recall k+1 = {pr_k + 1})")  # fmt: skip
 
     extractor = InceptionExtractor(
         inception_weights, device=device, batch_size=batch_size,
@@ -270,6 +364,12 @@ def evaluate(
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "samples_settings": _samples_settings(samples),
     }
+    gen = out["samples_settings"] or {}
+    # What made the samples, on the result row itself (issue: every row names its kernel).
+    for key, src in (("na_backend", "na_backend"), ("sample_dtype", "dtype"),
+                     ("sample_device", "device"), ("checkpoint_sha256", "checkpoint_sha256"),
+                     ("vae_sha256", "vae_sha256"), ("samples_content_key", "content_key")):  # fmt: skip
+        out[key] = gen.get(src, "unknown") if isinstance(gen, dict) else "unknown"
 
     # FID: against precomputed statistics when the reference has them (the ADM protocol).
     mu, sigma = feature_statistics(fake.pool)
@@ -338,8 +438,14 @@ def append_csv(result: dict[str, object], path: str | os.PathLike[str]) -> Path:
     return atomic_write(p, lambda tmp: tmp.write_text(old + buf.getvalue()))
 
 
+def errored_metrics(result: dict[str, object]) -> list[str]:
+    """Metrics whose status is an error ("not measured: ..." and "not supported: ..." are not)."""
+    return [k.removesuffix("_status") for k, v in result.items()
+            if k.endswith("_status") and isinstance(v, str) and v.startswith("error")]  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mvar.evaluate", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="mvar evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--samples", required=True, help="PNG folder or npz (arr_0 uint8 N,H,W,3)")
     p.add_argument(
         "--reference",
@@ -371,13 +477,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, object]:
+    from mvar.cli import setup_logging
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    setup_logging()
     if not args.reference:
-        raise SystemExit(
+        raise ValueError(
             f"no reference given: pass --reference or set ${REFERENCE_ENV} (the ADM batch "
             f"is {REFERENCE_URL})"
         )
+    samples = Path(args.samples)
+    # Output paths checked before minutes of feature extraction, not after.
+    out = check_output_file(
+        args.out or samples.with_name(samples.name.removesuffix(".npz") + ".eval.json"), "--out"
+    )
+    csv_path = check_output_file(args.csv, "--csv")
+    if args.cache_dir and Path(args.cache_dir).exists() and not Path(args.cache_dir).is_dir():
+        raise ValueError(f"--cache-dir {args.cache_dir} is a file; expected a directory")
     result = evaluate(
         args.samples,
         args.reference,
@@ -393,17 +509,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         fid_method=args.fid_method,
         cache_dir=args.cache_dir,
     )
-    samples = Path(args.samples)
-    out = (
-        Path(args.out)
-        if args.out
-        else samples.with_name(samples.name.removesuffix(".npz") + ".eval.json")
-    )
     atomic_write_json(out, result)
-    append_csv(result, args.csv)
-    log.info("wrote %s and a row of %s", out, args.csv)
+    append_csv(result, csv_path)
+    log.info("wrote %s and a row of %s", out, csv_path)
+    failed = errored_metrics(result)
+    if failed:  # the numbers that were measured are written; the run still failed
+        raise RuntimeError(
+            f"metric(s) {', '.join(failed)} failed: "
+            + "; ".join(str(result[f"{m}_status"]) for m in failed) + f" (details in {out})"
+        )
     return result
 
 
 if __name__ == "__main__":
-    main()
+    from mvar.cli import run_command
+
+    run_command(main, "evaluate")

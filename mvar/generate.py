@@ -45,17 +45,19 @@ from typing import Literal, Protocol
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from mvar import dist
 from mvar.config import CHECKPOINT_PRESETS, SamplingConfig, sampling_for
-from mvar.io import atomic_path, atomic_write_json
+from mvar.io import atomic_path, atomic_write_json, progress, remove_stale_temps
+from mvar.sampling import check_class_labels, check_sampling_settings
 
 log = logging.getLogger(__name__)
 
 Uint8Mode = Literal["round", "truncate"]
 SeedMode = Literal["per-batch", "fixed"]
 SETTINGS_FILE = "settings.json"
+#: settings.json keys recorded for reading only, not compared on resume.
+INFO_KEYS = frozenset({"git_sha"})
 PNG_RE = re.compile(r"^(\d{6,})\.png$")
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -92,6 +94,13 @@ class GenerationSettings:
     batch_size: int = 25
     uint8: Uint8Mode = "round"
     dtype: str = "float32"
+    # Content keys (fidelity: the folder is named by what made the pixels, not by file names).
+    checkpoint_sha256: str = ""  # of the transformer file; "" = random init
+    vae_checkpoint: str = "random-init"  # VQ-VAE file stem
+    vae_sha256: str = ""  # of the VQ-VAE file; "" = random init
+    na_backend: str = "none"  # neighbourhood-attention backend that runs ("none": VAR, ablation)
+    device: str = "cpu"  # device type the images are sampled on (rounding differs)
+    code_version: str = ""  # mvar version + git SHA; recorded and compared, not in the name
 
     def __post_init__(self) -> None:
         if self.per_class < 1 or self.batch_size < 1 or not self.classes:
@@ -106,6 +115,9 @@ class GenerationSettings:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         object.__setattr__(self, "classes", tuple(int(c) for c in self.classes))
+        if min(self.classes) < 0:
+            raise ValueError(f"class {min(self.classes)} is out of range: class ids are >= 0")
+        check_sampling_settings(self.cfg, self.top_k, self.top_p)
 
     @property
     def num_images(self) -> int:
@@ -138,9 +150,12 @@ class GenerationSettings:
 
     def folder_name(self) -> str:
         seed = f"seed{self.seed}" + ("fixed" if self.seed_mode == "fixed" else "")
+        ckpt = self.checkpoint + (f"-{self.checkpoint_sha256[:10]}" if self.checkpoint_sha256 else "")
+        vae = "vae-" + (self.vae_sha256[:10] if self.vae_sha256 else self.vae_checkpoint)
         parts = [
             self.model,
-            self.checkpoint,
+            ckpt,
+            vae,
             f"cfg{self.cfg:g}",
             f"topk{self.top_k}",
             f"topp{self.top_p:g}",
@@ -151,6 +166,8 @@ class GenerationSettings:
             f"bs{self.batch_size}",
             self.uint8,
             self.dtype,
+            f"na-{self.na_backend}",
+            self.device,
         ]
         return "_".join(re.sub(r"[^A-Za-z0-9.+-]", "-", p) for p in parts)
 
@@ -160,7 +177,17 @@ class GenerationSettings:
         d["num_images"] = self.num_images
         d["labels"] = "class-ordered: image i has class classes[i // per_class]"
         d["g_seed"] = "seed + batch index" if self.seed_mode == "per-batch" else "seed"
+        d["content_key"] = self.content_key()
+        from mvar.env import git_sha
+
+        d["git_sha"] = git_sha()  # for reading; the compared code id is code_version
         return d
+
+    def content_key(self) -> str:
+        """sha256 (24 hex) of every setting: the id of what these pixels are."""
+        d = dataclasses.asdict(self)
+        d["classes"] = list(self.classes)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:24]
 
     @classmethod
     def from_json(cls, d: dict[str, object]) -> GenerationSettings:
@@ -185,26 +212,67 @@ def to_uint8(img01_B3HW: torch.Tensor, mode: Uint8Mode = "round") -> np.ndarray:
     return x.clamp_(0.0, 255.0).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def _prepare_folder(folder: Path, settings: GenerationSettings) -> None:
-    """Create the folder with settings.json, or check an existing one holds the same settings."""
+def _sample_files(folder: Path) -> list[Path]:
+    """What a sample folder holds that generation wrote (PNGs, settings, temporaries)."""
+    return [p for p in folder.iterdir()
+            if p.is_file() and (PNG_RE.match(p.name) or p.name == SETTINGS_FILE
+                                or (p.name.startswith(".") and p.name.endswith(".tmp")))]  # fmt: skip
+
+
+def _prepare_folder(folder: Path, settings: GenerationSettings, overwrite: bool = False) -> None:
+    """Create the folder with settings.json, or check an existing one holds the same settings.
+
+    A folder whose settings.json differs (another checkpoint content, VQ-VAE, NA backend, code
+    version, ...) is refused with the differing keys, or emptied first with ``overwrite``."""
     want = settings.to_json()
     path = folder / SETTINGS_FILE
     if dist.is_main():
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"sample folder {folder} exists and is a file, not a directory")
         folder.mkdir(parents=True, exist_ok=True)
         if path.exists():
-            have = json.loads(path.read_text())
-            diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
-            if diff:
+            try:
+                have = json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                have = {"<unreadable settings.json>": str(e)}
+            diff = sorted(k for k in set(want) | set(have)
+                          if k not in INFO_KEYS and want.get(k) != have.get(k))  # fmt: skip
+            if diff and overwrite:
+                log.warning("%s held samples made with other settings (differs in %s): "
+                            "deleting them (--overwrite)", folder, diff)  # fmt: skip
+                for f in _sample_files(folder):
+                    f.unlink()
+            elif diff:
+                shown = "; ".join(f"{k}: folder {have.get(k)!r}, now {want.get(k)!r}"
+                                  for k in diff[:3])  # fmt: skip
                 raise ValueError(
                     f"{folder} already holds samples made with other settings (differs in "
-                    f"{diff}); use another --out-dir or delete the folder"
+                    f"{diff}: {shown}); pass --overwrite to discard them, or use another --out-dir"
                 )
-        else:
+        if not path.exists():
             atomic_write_json(path, want)
         # Leftovers of an interrupted write; safe to remove before any rank starts writing.
-        for stale in folder.glob(".*.tmp"):
-            stale.unlink()
+        remove_stale_temps(folder)
     dist.barrier()
+
+
+_PNG_TRAILER = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk every complete PNG ends with
+
+
+def png_complete(path: Path) -> bool:
+    """Cheap completeness check of a PNG already on disk: non-empty, PNG signature, ends with
+    the IEND chunk. Our writes are atomic, so this catches files damaged by something else
+    (a copy cut short, a full disk in another tool) without decoding 50k images on resume."""
+    try:
+        size = path.stat().st_size
+        if size < 57:  # signature + IHDR + IEND
+            return False
+        with path.open("rb") as f:
+            head = f.read(8)
+            f.seek(size - len(_PNG_TRAILER))
+            return head == b"\x89PNG\r\n\x1a\n" and f.read() == _PNG_TRAILER
+    except OSError:
+        return False
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,6 +287,7 @@ def generate_samples(
     *,
     max_batches: int | None = None,
     device: torch.device | str = "cpu",
+    overwrite: bool = False,
 ) -> Path:
     """Sample every image of ``settings`` into ``out_dir/<settings.folder_name()>``; returns it.
 
@@ -226,15 +295,25 @@ def generate_samples(
     alone. ``max_batches`` stops this process after sampling that many batches (skipped,
     already complete batches do not count) — an interruption on purpose, for tests.
     """
+    provenance = getattr(sampler, "provenance", None) or {}
+    wrong = {k: (getattr(settings, k), v) for k, v in provenance.items() if getattr(settings, k) != v}
+    if wrong:  # the folder would be keyed by weights or a kernel other than those that run
+        raise ValueError(f"settings disagree with the sampler's weights/kernel {wrong}; build them "
+                         "with GenerationSettings(..., **sampler.provenance)")  # fmt: skip
     folder = Path(out_dir) / settings.folder_name()
-    _prepare_folder(folder, settings)
+    _prepare_folder(folder, settings, overwrite)
     rank, world = dist.get_rank(), dist.get_world_size()
     labels = settings.labels()
     mine = settings.rank_batches(rank, world)
-    todo = [
-        b for b in mine
-        if not all((folder / png_name(i)).is_file() for i in settings.batch_range(b))
-    ]  # fmt: skip
+    todo = []
+    for b in mine:
+        paths = [folder / png_name(i) for i in settings.batch_range(b)]
+        damaged = [p for p in paths if p.exists() and not png_complete(p)]
+        for p in damaged:  # a 0-byte or cut-short PNG is not "done": sample its batch again
+            log.warning("%s is empty or truncated: deleting it and sampling its batch again", p)
+            p.unlink()
+        if damaged or not all(p.is_file() for p in paths):
+            todo.append(b)
     log.info(
         "rank %d/%d: %d of its %d batches to sample into %s (%d images in total)",
         rank, world, len(todo), len(mine), folder, settings.num_images,
@@ -244,9 +323,11 @@ def generate_samples(
             "rank %d: sampling only %d of %d batches (max_batches)", rank, max_batches, len(todo)
         )
         todo = todo[:max_batches]
-    for b in tqdm(
-        todo, desc=f"sampling (rank {rank})", unit="batch", disable=None if rank == 0 else True
-    ):
+    from mvar.attention import backends_used, reset_backends_used
+
+    reset_backends_used()
+    for b in progress(todo, len(todo), f"sampling (rank {rank})", log, unit="batch",
+                      enabled=rank == 0):  # fmt: skip
         idx = settings.batch_range(b)
         label_B = torch.from_numpy(labels[idx.start : idx.stop]).to(device)
         img01 = sampler.sample(label_B, settings.g_seed(b))
@@ -259,6 +340,12 @@ def generate_samples(
             # A PNG that exists is complete (resume relies on it): write, then rename.
             with atomic_path(folder / png_name(i)) as tmp:
                 Image.fromarray(img).save(tmp, format="PNG")
+        ran = set(backends_used())
+        if ran - {settings.na_backend}:
+            raise RuntimeError(
+                f"neighbourhood-attention backend(s) {sorted(ran)} ran, but {folder} is keyed "
+                f"by na_backend={settings.na_backend!r}; pass the backend explicitly"
+            )
     dist.barrier()
     return folder
 
@@ -271,6 +358,19 @@ def list_pngs(folder: str | os.PathLike[str]) -> list[Path]:
     return [p for _, p in found]
 
 
+def _read_png(p: Path) -> np.ndarray:
+    try:
+        with Image.open(p) as im:
+            return np.asarray(im)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"{p}: unreadable or truncated image ({e}); delete it and run the "
+                         "generation again to resample it") from None  # fmt: skip
+
+
+#: Free space kept beyond the npz's own size when packing (zip headers, other writers).
+NPZ_SPACE_MARGIN = 64 << 20
+
+
 def pack_npz(
     folder: str | os.PathLike[str],
     out: str | os.PathLike[str] | None = None,
@@ -279,10 +379,16 @@ def pack_npz(
     """Pack ``000000.png`` ... into an ADM-style npz ``arr_0`` uint8 (N, H, W, 3), index order.
 
     N comes from ``settings.json`` (or ``expected``); every index must be present and every
-    image must have the shape of the first. The array is assembled in a memory-mapped
-    temporary .npy (50k x 256 x 256 x 3 is 9.8 GB) and the npz is written atomically.
-    Default ``out``: ``<folder>.npz`` beside the folder.
+    image must have the shape of the first. Before writing, the free space of the target's
+    file system is checked against the npz size (50k x 256 x 256 x 3 is 9.8 GB). Images are
+    streamed one by one into the (uncompressed) zip member, so memory stays at one image and
+    no memory-mapped file can fault when the disk fills; the npz is written to a temporary
+    name and renamed, and that temporary is removed on any failure. Default ``out``:
+    ``<folder>.npz`` beside the folder.
     """
+    import shutil
+    import zipfile
+
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"sample folder {folder} does not exist")
@@ -305,30 +411,38 @@ def pack_npz(
     if extra:
         raise ValueError(f"{folder}: {extra} PNGs beyond the expected {expected}")
     out = Path(out) if out is not None else folder.with_name(folder.name + ".npz")
+    if out.is_dir():
+        raise ValueError(f"npz output {out} is a directory; expected a file path")
     out.parent.mkdir(parents=True, exist_ok=True)
-    first = np.asarray(Image.open(files[0]))
+    remove_stale_temps(out.parent, out.name)
+    first = _read_png(files[0])
     if first.dtype != np.uint8 or first.ndim != 3 or first.shape[2] != 3:
         raise ValueError(
             f"{files[0]}: expected an RGB uint8 image, got {first.dtype} {first.shape}"
         )
-    tmp_npy = out.with_name(f".{out.name}.arr_0.tmp.npy")
-    arr = np.lib.format.open_memmap(
-        tmp_npy, mode="w+", dtype=np.uint8, shape=(expected, *first.shape)
-    )
+    shape = (expected, *first.shape)
+    need = int(np.prod(shape, dtype=np.int64)) + NPZ_SPACE_MARGIN
+    free = shutil.disk_usage(out.parent).free
+    if free < need:
+        raise OSError(
+            f"not enough free space to write {out}: need {need / 1e9:.2f} GB "
+            f"({expected} images {first.shape}), {out.parent} has {free / 1e9:.2f} GB free"
+        )
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+              "fortran_order": False, "shape": shape}  # fmt: skip
     try:
-        for i, p in enumerate(tqdm(files, desc="packing npz", unit="img", disable=None)):
-            img = np.asarray(Image.open(p))
-            if img.shape != first.shape or img.dtype != np.uint8:
-                raise ValueError(
-                    f"{p}: shape {img.shape} {img.dtype} differs from {files[0].name}'s {first.shape}"
-                )
-            arr[i] = img
-        arr.flush()
-        with atomic_path(out) as tmp, tmp.open("wb") as f:  # a file object: no ".npz" added
-            np.savez(f, arr_0=arr)
-    finally:
-        del arr
-        tmp_npy.unlink(missing_ok=True)
+        with atomic_path(out) as tmp, zipfile.ZipFile(
+            tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True
+        ) as zf, zf.open("arr_0.npy", "w", force_zip64=True) as member:
+            np.lib.format.write_array_header_1_0(member, header)
+            for p in progress(files, expected, "packing npz", log, unit="img"):
+                img = first if p == files[0] else _read_png(p)
+                if img.shape != first.shape or img.dtype != np.uint8:
+                    raise ValueError(f"{p}: shape {img.shape} {img.dtype} differs from "
+                                     f"{files[0].name}'s {first.shape}")  # fmt: skip
+                member.write(np.ascontiguousarray(img).tobytes())
+    except OSError as e:
+        raise OSError(f"writing {out} failed ({e}); the partial file was removed") from e
     log.info("packed %d images %s into %s", expected, first.shape, out)
     return out
 
@@ -347,9 +461,12 @@ class ModelSampler:
         model: torch.nn.Module,
         sampling: SamplingConfig,
         dtype: str = "float32",
+        provenance: dict[str, str] | None = None,
     ) -> None:
         self.vae, self.model, self.sampling = vae, model, sampling
         self.dtype = DTYPES[dtype]
+        # GenerationSettings fields that identify the weights and the kernel (build_sampler)
+        self.provenance: dict[str, str] = provenance or {}
 
     def sample(self, label_B: torch.Tensor, g_seed: int) -> torch.Tensor:
         s = self.sampling
@@ -365,6 +482,44 @@ class ModelSampler:
         return out.img01.float()
 
 
+def code_version() -> str:
+    """``<mvar version>+src.<hash>``: the sha256 (12 hex) of the package's Python sources
+    (``mvar/``, ``baselines/``), so a sample folder is tied to the code that made its pixels,
+    committed or not, while edits elsewhere (docs, reports) do not invalidate it. The git SHA
+    is recorded beside it for reading (``settings.json`` ``git_sha``), not compared."""
+    from mvar import __version__
+
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for pkg in ("mvar", "baselines"):
+        for f in sorted((root / pkg).rglob("*.py")):
+            h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return f"{__version__}+src.{h.hexdigest()[:12]}"
+
+
+def resolve_na_backend(model: torch.nn.Module, device: torch.device | str, dtype: str) -> str:
+    """The neighbourhood-attention backend ``model`` will run (``"none"`` without NA), pinned
+    on the model so that what runs is what the sample folder is keyed by. A backend named
+    explicitly that cannot run here is an error; ``None`` picks one (a fallback is logged as
+    a WARNING by ``mvar.attention.default_backend``)."""
+    from mvar.attention import BackendUnavailableError, backend_unavailable_reason, default_backend
+
+    na = getattr(model, "neighbourhood_attention", None)
+    cfg = getattr(model, "config", None)
+    if na is None or not getattr(cfg, "spatial_markov", False):
+        return "none"
+    dev = torch.device(device)
+    if na.backend is not None:
+        reason = backend_unavailable_reason(na.backend, dev, DTYPES[dtype])
+        if reason is not None:
+            raise BackendUnavailableError(
+                f"neighbourhood-attention backend {na.backend!r} cannot run here: {reason}"
+            )
+        return str(na.backend)
+    na.backend = default_backend(dev, DTYPES[dtype])
+    return str(na.backend)
+
+
 def build_sampler(
     model: str,
     ckpt: str | os.PathLike[str] | None,
@@ -372,6 +527,7 @@ def build_sampler(
     sampling: SamplingConfig,
     device: torch.device | str = "cpu",
     dtype: str = "float32",
+    na_backend: str | None = None,
 ) -> ModelSampler:
     """Load (or random-initialise with seed 0, without ``ckpt``) a model and wrap it as a
     Sampler. The init seed is fixed, not the sampling seed, so that "random-init" in a folder
@@ -381,29 +537,46 @@ def build_sampler(
     where to download it (``mvar.checkpoint.resolve_checkpoint``).
     """
     from mvar.checkpoint import load_pretrained, resolve_checkpoint
+    from mvar.metrics import sha256_file
 
     # Resolve both files before building anything, so a typo fails in a second.
     ckpt = resolve_checkpoint(ckpt) if ckpt is not None else None
     vae_ckpt = resolve_checkpoint(vae_ckpt) if vae_ckpt is not None else None
-    vae, net = load_pretrained(model, ckpt, vae_ckpt, device=device, seed=0)
-    return ModelSampler(vae.eval(), net.eval(), sampling, dtype)
+    vae, net = load_pretrained(model, ckpt, vae_ckpt, device=device, seed=0, na_backend=na_backend)
+    provenance = {
+        "checkpoint": ckpt.stem if ckpt is not None else "random-init",
+        "checkpoint_sha256": sha256_file(ckpt) if ckpt is not None else "",
+        "vae_checkpoint": vae_ckpt.stem if vae_ckpt is not None else "random-init",
+        "vae_sha256": sha256_file(vae_ckpt) if vae_ckpt is not None else "",
+        "na_backend": resolve_na_backend(net, device, dtype),
+        "device": torch.device(device).type,
+    }
+    return ModelSampler(vae.eval(), net.eval(), sampling, dtype, provenance)
 
 
 def _parse_classes(text: str | None, num_classes: int) -> tuple[int, ...]:
     if not text:
         return tuple(range(num_classes))
-    return tuple(int(c) for c in text.split(","))
+    try:
+        return tuple(int(c) for c in text.split(","))
+    except ValueError:
+        raise ValueError(f"--classes must be comma-separated integers, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mvar.generate", description=__doc__.split("\n")[0])
+    from mvar.attention import BACKENDS
+
+    p = argparse.ArgumentParser(prog="mvar generate", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="model preset or released checkpoint name")
     p.add_argument("--ckpt", help="transformer checkpoint (omit: random init, for trying out)")
     p.add_argument("--vae-ckpt", help="VQ-VAE checkpoint (omit: random init)")
     p.add_argument("--out-dir", default="outputs/samples", help="parent of the sample folder")
-    p.add_argument("--cfg", type=float, help="guidance (default: the checkpoint's official)")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard samples in the folder made with other settings (default: refuse)")  # fmt: skip
+    p.add_argument("--cfg", type=float, help="guidance >= 0 (default: the checkpoint's official)")
+    p.add_argument("--top-k", type=int, help="integer >= 0, 0 = off; above the vocabulary it is "
+                   "clamped to the vocabulary size (keeps every token)")  # fmt: skip
+    p.add_argument("--top-p", type=float, help="in [0, 1], 0 = off")
     p.add_argument("--more-smooth", action="store_true", help="pictures only, never for FID")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seed-mode", choices=("per-batch", "fixed"), default="per-batch")
@@ -413,6 +586,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=25)
     p.add_argument("--uint8", choices=("round", "truncate"), default="round")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--na-backend", choices=sorted(BACKENDS),
+                   help="neighbourhood-attention backend (MVAR; default: the fastest that runs)")  # fmt: skip
     p.add_argument("--device", help="default: this rank's GPU, else cpu")
     p.add_argument("--max-batches", type=int, help="stop after this many batches per process")
     p.add_argument(
@@ -422,15 +597,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
+    from mvar.cli import setup_logging
+    from mvar.config import get_preset
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    setup_logging()
+    # Every input checked before a model is built or a file written.
+    mcfg = get_preset(CHECKPOINT_PRESETS.get(args.model, args.model))
+    sampling = sampling_for(args.model, args.cfg, args.top_k, args.top_p, args.more_smooth)
+    check_sampling_settings(sampling.cfg, sampling.top_k, sampling.top_p)
+    classes = _parse_classes(args.classes, args.num_classes)
+    check_class_labels(list(classes), mcfg.num_classes)
+    if args.per_class < 1 or args.batch_size < 1:
+        raise ValueError(f"--per-class and --batch-size must be >= 1, got {args.per_class} and "
+                         f"{args.batch_size}")  # fmt: skip
+    if args.max_batches is not None and args.max_batches < 0:
+        raise ValueError(f"--max-batches must be >= 0, got {args.max_batches}")
+    out_dir = Path(args.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out-dir {out_dir} is a file; expected a directory")
+    if args.npz and Path(args.npz).is_dir():
+        raise ValueError(f"--npz {args.npz} is a directory; expected a file path")
     dist.init_from_env()
     try:
         device = torch.device(args.device) if args.device else dist.default_device()
-        sampling = sampling_for(args.model, args.cfg, args.top_k, args.top_p, args.more_smooth)
+        if args.model not in CHECKPOINT_PRESETS and args.ckpt:
+            log.info("%s is not a released checkpoint name: sampling %s", args.model, sampling)
+        sampler = build_sampler(args.model, args.ckpt, args.vae_ckpt, sampling, device,
+                                args.dtype, args.na_backend)  # fmt: skip
         settings = GenerationSettings(
             model=args.model,
-            checkpoint=Path(args.ckpt).stem if args.ckpt else "random-init",
             cfg=sampling.cfg,
             top_k=sampling.top_k,
             top_p=sampling.top_p,
@@ -438,19 +634,17 @@ def main(argv: Sequence[str] | None = None) -> Path:
             seed=args.seed,
             seed_mode=args.seed_mode,
             per_class=args.per_class,
-            classes=_parse_classes(args.classes, args.num_classes),
+            classes=classes,
             batch_size=args.batch_size,
             uint8=args.uint8,
             dtype=args.dtype,
+            code_version=code_version(),
+            **sampler.provenance,  # type: ignore[arg-type]
         )
-        if args.model not in CHECKPOINT_PRESETS and args.ckpt:
-            log.info("%s is not a released checkpoint name: sampling %s", args.model, sampling)
-        sampler = build_sampler(args.model, args.ckpt, args.vae_ckpt, sampling, device, args.dtype)
-        folder = generate_samples(
-            sampler, settings, args.out_dir, max_batches=args.max_batches, device=device
-        )
+        folder = generate_samples(sampler, settings, out_dir, max_batches=args.max_batches,
+                                  device=device, overwrite=args.overwrite)  # fmt: skip
         if args.npz is not None and dist.is_main():
-            if all((folder / png_name(i)).is_file() for i in range(settings.num_images)):
+            if all(png_complete(folder / png_name(i)) for i in range(settings.num_images)):
                 pack_npz(folder, args.npz or None, expected=settings.num_images)
             else:
                 log.warning("not packing: %s is incomplete (run again to resume)", folder)
@@ -461,4 +655,6 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    from mvar.cli import run_command
+
+    run_command(main, "generate")

@@ -36,9 +36,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from mvar.io import atomic_path, atomic_torch_save
+from mvar.io import atomic_path, atomic_torch_save, progress, safe_torch_load
 from mvar.metrics import sha256_file
 
 log = logging.getLogger(__name__)
@@ -154,10 +153,13 @@ def verify_weights(
 # --------------------------------------------------------------------------------------------
 
 
-def _inception_skeleton() -> torch.nn.Module:
-    """torch-fidelity's Inception module with its default (unloaded) parameters: only for its
-    keys and shapes. The class always loads a state dict in __init__, so we hand it an empty
-    one and skip the (strict) load in a subclass instead of touching the network."""
+def _inception_skeleton(features: tuple[str, ...] = (POOL_FEATURE,)) -> torch.nn.Module:
+    """torch-fidelity's Inception module with its default (unloaded) parameters.
+
+    The class always ``torch.load``s a path in ``__init__`` with ``weights_only=False``, which
+    would run code hidden in a hostile weights file; so it never sees the user's file: we hand
+    it an empty dict we wrote ourselves and skip its load in a subclass. Real weights are
+    loaded afterwards from tensors read with ``weights_only=True`` (:func:`build_extractor`)."""
     base = _torch_fidelity_extractor_cls()
 
     class _Skeleton(base):  # type: ignore[misc, valid-type]
@@ -168,7 +170,41 @@ def _inception_skeleton() -> torch.nn.Module:
     with tempfile.TemporaryDirectory() as d:
         empty = Path(d) / "empty.pth"
         torch.save({}, empty)
-        return _Skeleton(EXTRACTOR_NAME, [POOL_FEATURE], feature_extractor_weights_path=str(empty))
+        return _Skeleton(EXTRACTOR_NAME, list(features), feature_extractor_weights_path=str(empty))
+
+
+def load_weights_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The Inception state dict of ``path``, read with ``weights_only=True`` (never unpickles
+    code; ``mvar.io.safe_torch_load``). Raises ValueError naming the file otherwise."""
+    sd = safe_torch_load(path, "Inception weights")
+    if not isinstance(sd, dict) or not sd or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()
+    ):
+        raise ValueError(
+            f"Inception weights {path} are not a state dict (name -> tensor); expected "
+            f"{WEIGHTS_FILENAME} ({WEIGHTS_URL})"
+        )
+    return sd
+
+
+def build_extractor(
+    state_dict: dict[str, torch.Tensor], source: str, features: tuple[str, ...]
+) -> torch.nn.Module:
+    """torch-fidelity's network with ``state_dict`` loaded strictly (every key, every shape)."""
+    net = _inception_skeleton(features)
+    try:
+        torch.nn.Module.load_state_dict(net, state_dict, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()
+        raise ValueError(
+            f"Inception weights {source} do not fit torch-fidelity's {EXTRACTOR_NAME} network: "
+            + " ".join(ln.strip() for ln in first[:3])[:400]
+        ) from None
+    for k, v in state_dict.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            log.warning("Inception weights %s: tensor %s holds NaN or inf", source, k)
+            break
+    return net.eval()
 
 
 def random_inception_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -249,12 +285,11 @@ class InceptionExtractor:
     @property
     def net(self) -> torch.nn.Module:
         if self._net is None:
-            cls = _torch_fidelity_extractor_cls()
-            # Same loading path for real and random weights: torch-fidelity's own strict load.
-            self._net = cls(
-                EXTRACTOR_NAME, [POOL_FEATURE, LOGITS_FEATURE],
-                feature_extractor_weights_path=str(self._path),
-            ).to(self.device)  # fmt: skip
+            # Same loading path for real and random weights; torch-fidelity never opens the file.
+            sd = load_weights_file(self._path)
+            self._net = build_extractor(
+                sd, str(self._path), (POOL_FEATURE, LOGITS_FEATURE)
+            ).to(self.device)
             log.info(
                 "Inception extractor %s from %s (sha256 %s)",
                 self.info.label, self._path, self.info.sha256,
@@ -279,20 +314,18 @@ class InceptionExtractor:
         images per forward (so results do not depend on how the input was chunked)."""
         pools, logits = [], []
         buf = np.empty((0,), dtype=np.uint8)
-        with tqdm(total=total, desc=desc, unit="img", disable=None) as bar:
-            for batch in batches:
-                buf = np.concatenate([buf, batch]) if len(buf) else np.asarray(batch)
-                while len(buf) >= self.batch_size:
-                    p, lg = self.extract_batch(buf[: self.batch_size])
-                    buf = buf[self.batch_size :]
-                    pools.append(p)
-                    logits.append(lg)
-                    bar.update(len(p))
-            if len(buf):
-                p, lg = self.extract_batch(buf)
+        # progress() logs every minute as well as drawing a bar: batch jobs have no terminal.
+        for batch in progress(batches, total, desc, log, unit="img", weight=len):
+            buf = np.concatenate([buf, batch]) if len(buf) else np.asarray(batch)
+            while len(buf) >= self.batch_size:
+                p, lg = self.extract_batch(buf[: self.batch_size])
+                buf = buf[self.batch_size :]
                 pools.append(p)
                 logits.append(lg)
-                bar.update(len(p))
+        if len(buf):
+            p, lg = self.extract_batch(buf)
+            pools.append(p)
+            logits.append(lg)
         if not pools:
             raise ValueError("no images to extract features from")
         return Features(pool=np.concatenate(pools), logits=np.concatenate(logits))

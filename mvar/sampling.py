@@ -20,11 +20,15 @@ scale one ``multinomial(softmax(filtered), 1, replacement=True)`` over the B·pn
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+log = logging.getLogger(__name__)
 
 # step(si, x_BlC, cond_BD) -> hidden states h_BlC of scale si (rows = 2B with guidance, else B)
 ScaleStep = Callable[[int, Tensor, Tensor], Tensor]
@@ -40,6 +44,57 @@ class SampleOutput:
     guided: bool  # whether an unconditional half ran and was mixed in
     guided_logits: list[Tensor] | None = None  # per scale (B, pn*pn, V), before filtering
     kv_cache_bytes: int = 0  # bytes held by the KV cache at the end (VAR); 0 for MVAR
+
+
+_clamp_logged: set[tuple[int, int]] = set()
+
+
+def check_sampling_settings(
+    cfg: float, top_k: int, top_p: float, vocab_size: int | None = None
+) -> int:
+    """Validate sampling settings in one place (the sampler and the command lines call it);
+    returns the effective top_k. Raises ValueError with one line saying what is allowed.
+
+    - ``cfg``: a finite number >= 0 (0 = no guidance mixing; 1 = VAR's default ramp).
+    - ``top_k``: an integer >= 0, 0 = off. A ``top_k`` at or above the vocabulary keeps every
+      token, i.e. it filters nothing: it is *clamped* to the vocabulary size with one INFO line
+      (not an error, so that the official settings, top_k 900/1200, run on the tiny models'
+      512-token codebook too).
+    - ``top_p``: a number in [0, 1], 0 = off (NaN is refused: it would silently mean off).
+    """
+    if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not math.isfinite(cfg) or cfg < 0:
+        raise ValueError(f"cfg (guidance) must be a finite number >= 0, got {cfg!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+    if (
+        isinstance(top_p, bool) or not isinstance(top_p, (int, float))
+        or not math.isfinite(top_p) or not 0.0 <= top_p <= 1.0
+    ):  # fmt: skip
+        raise ValueError(f"top_p must be a number in [0, 1] (0 = off), got {top_p!r}")
+    if vocab_size is not None and top_k > vocab_size:
+        if (top_k, vocab_size) not in _clamp_logged:
+            _clamp_logged.add((top_k, vocab_size))
+            log.info("top_k %d exceeds the vocabulary (%d tokens): clamped to %d (keeps every "
+                     "token)", top_k, vocab_size, vocab_size)  # fmt: skip
+        return vocab_size
+    return top_k
+
+
+def check_class_labels(labels: Tensor | list[int] | tuple[int, ...], num_classes: int) -> None:
+    """Every label must be a class id 0 <= c < num_classes. ``num_classes`` itself is the
+    model's null (unconditional) class, which sampling must never be asked for directly."""
+    t = torch.as_tensor(labels)
+    if t.numel() == 0:
+        raise ValueError("no class labels given")
+    if t.dtype.is_floating_point or t.dtype == torch.bool:
+        raise ValueError(f"class labels must be integers, got dtype {t.dtype}")
+    lo, hi = int(t.min()), int(t.max())
+    if lo < 0 or hi >= num_classes:
+        bad = lo if lo < 0 else hi
+        raise ValueError(
+            f"class {bad} is out of range: the model has classes 0..{num_classes - 1} "
+            f"({num_classes} is its null class, used only for guidance)"
+        )
 
 
 def top_k_top_p_filter_(logits_BlV: Tensor, top_k: int = 0, top_p: float = 0.0) -> Tensor:
@@ -97,6 +152,8 @@ def sample_scales(
     record_logits: bool,
 ) -> SampleOutput:
     """The next-scale loop. ``model`` is a ``ScaleARTransformer``; ``vae`` a ``VQVAE``."""
+    top_k = check_sampling_settings(cfg, top_k, top_p, model.V)
+    check_class_labels(label_B, model.num_classes)
     B = label_B.shape[0]
     S = len(model.patch_nums)
     device = label_B.device

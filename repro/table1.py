@@ -54,6 +54,7 @@ from mvar.evaluate import evaluate
 from mvar.generate import (
     GenerationSettings,
     build_sampler,
+    code_version,
     generate_samples,
     pack_npz,
     to_uint8,
@@ -202,15 +203,15 @@ def run_model(
     stand-in in the embedded run), ``ckpt`` its weights (None: random init).
     """
     sampling = sampling_for(name, None, None, None)  # the checkpoint's official settings
+    sampler = build_sampler(preset, ckpt, vae_ckpt, sampling, device, cfg.dtype)
     settings = GenerationSettings(
         model=preset,
-        checkpoint=ckpt.stem if ckpt is not None else "random-init",
         cfg=sampling.cfg, top_k=sampling.top_k, top_p=sampling.top_p, more_smooth=False,
         seed=cfg.seed, seed_mode=cfg.seed_mode,  # type: ignore[arg-type]
         per_class=cfg.per_class, classes=tuple(range(cfg.num_classes)),
         batch_size=cfg.batch_size, uint8=cfg.uint8, dtype=cfg.dtype,  # type: ignore[arg-type]
+        code_version=code_version(), **sampler.provenance,  # type: ignore[arg-type]
     )  # fmt: skip
-    sampler = build_sampler(preset, ckpt, vae_ckpt, sampling, device, cfg.dtype)
     folder = generate_samples(sampler, settings, work_dir / "samples", device=device)
     if not dist.is_main():
         return None

@@ -54,6 +54,8 @@ __all__ = [
     "BackendUnavailableError",
     "Tolerance",
     "available_backends",
+    "backends_used",
+    "reset_backends_used",
     "backend_unavailable_reason",
     "default_backend",
     "inverse_windows",
@@ -64,6 +66,18 @@ __all__ = [
 ]
 
 _logged_choices: set[tuple[str, bool, str]] = set()
+# How many na2d calls each backend served in this process: what actually ran, recorded with
+# results (``mvar.generate`` checks it against the backend its sample folder is keyed by).
+_calls_per_backend: dict[str, int] = {}
+
+
+def backends_used() -> dict[str, int]:
+    """{backend name: na2d calls} since the process started or :func:`reset_backends_used`."""
+    return dict(_calls_per_backend)
+
+
+def reset_backends_used() -> None:
+    _calls_per_backend.clear()
 
 
 def backend_unavailable_reason(
@@ -108,13 +122,15 @@ def default_backend(
             key = (dev.type, requires_grad, name)
             if key not in _logged_choices:
                 _logged_choices.add(key)
-                logger.info(
-                    "na2d backend=None on %s (grad=%s) uses %r%s",
-                    dev.type,
-                    requires_grad,
-                    name,
-                    f"; skipped: {'; '.join(skipped)}" if skipped else "",
-                )
+                # Falling back from the preferred backend changes speed (and the last bits of
+                # results): a WARNING that names what was wanted, why not, and what runs.
+                if skipped:
+                    logger.warning(
+                        "na2d on %s (grad=%s): wanted %s, using %r instead",
+                        dev.type, requires_grad, "; then ".join(skipped), name,
+                    )  # fmt: skip
+                else:
+                    logger.info("na2d on %s (grad=%s) uses %r", dev.type, requires_grad, name)
             return name
         skipped.append(f"{name} ({reason})")
     raise BackendUnavailableError(  # unreachable while 'reference' runs everywhere
@@ -158,4 +174,5 @@ def na2d(
         reason = backend_unavailable_reason(name, problem.device, problem.dtype, grad)
         if reason is not None:
             raise BackendUnavailableError(f"na2d backend {name!r} cannot run here: {reason}")
+    _calls_per_backend[name] = _calls_per_backend.get(name, 0) + 1
     return load_backend(name).forward(q, k, v, problem.kh, problem.kw, problem.scale)

@@ -46,7 +46,7 @@ except Exception as exc:  # noqa: BLE001  (ImportError, or CUDA library errors a
     int32 = int64 = None  # type: ignore[assignment]
     _IMPORT_ERROR = (
         f"numba's CUDA target is not importable ({type(exc).__name__}: {exc}); install it "
-        "with `pip install 'mvar[kernels]'`"
+        "with `pip install 'mvar[cuda]'`"
     )
 
 # Threads per block. 64 covers MVAR's window (49 keys) and head dim (64) in one step each;

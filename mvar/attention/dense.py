@@ -3,6 +3,12 @@
 What a user writes with stock PyTorch: correct, differentiable on every device, but it does
 the FLOPs of full attention (N^2 per head instead of N*kh*kw; 5.2x more at 16x16 with k = 7,
 spec § Measured). The [N, N] mask is built once per (H, W, kh, kw, device) and cached.
+
+Non-finite keys or values stay local, as in the reference and the fused kernels: SDPA multiplies
+every query with every key before masking (NaN + -inf = NaN) and every probability with every
+value (0 * NaN = NaN), so one NaN key would poison the whole head. We hand SDPA keys and values
+with non-finite entries zeroed and then set to NaN exactly the outputs of queries whose window
+holds a non-finite key or value (one [N, N] x [N] product per head, no host sync).
 """
 
 from __future__ import annotations
@@ -53,11 +59,18 @@ def forward(
     # it afresh rather than caching it, so that fake and real masks never meet in the cache.
     build = neighborhood_mask.__wrapped__ if _is_fake(q) else neighborhood_mask
     mask = build(H, W, kh, kw, q.device)
+    N = H * W
+    k_, v_ = k.reshape(B, heads, N, D), v.reshape(B, heads, N, D)
+    k_ok, v_ok = torch.isfinite(k_), torch.isfinite(v_)
     out = F.scaled_dot_product_attention(
-        q.reshape(B, heads, H * W, D),
-        k.reshape(B, heads, H * W, D),
-        v.reshape(B, heads, H * W, D),
+        q.reshape(B, heads, N, D),
+        torch.where(k_ok, k_, torch.zeros_like(k_)),
+        torch.where(v_ok, v_, torch.zeros_like(v_)),
         attn_mask=mask,
         scale=scale,
     )
+    bad_key = ~(k_ok.all(-1) & v_ok.all(-1))  # [B, heads, N]
+    # queries whose window holds a bad key: mask [Nq, Nk] @ bad [Nk] > 0
+    hit = (bad_key.to(torch.float32) @ mask.to(torch.float32).T) > 0  # [B, heads, Nq]
+    out = torch.where(hit[..., None], torch.full_like(out, float("nan")), out)
     return out.reshape(B, heads, H, W, D)

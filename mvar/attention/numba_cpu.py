@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 
 import numpy as np
 import torch
@@ -407,6 +408,23 @@ def _scratch(rows_per_thread: int, nk: int, dtype: np.dtype) -> np.ndarray:
     return np.empty((numba.config.NUMBA_NUM_THREADS * rows_per_thread, nk), dtype=dtype)
 
 
+def _first_call(dispatcher: object, what: str, run) -> None:  # type: ignore[no-untyped-def]
+    """Run ``run()``; on a kernel's first call in this process say in the log that it is being
+    compiled (a cold compile takes about a minute on 2 cores) or loaded from the on-disk cache,
+    and where that cache is, so a silent minute is never mistaken for a hang."""
+    if getattr(dispatcher, "signatures", None):
+        run()
+        return
+    stats = dispatcher.stats  # type: ignore[attr-defined]
+    logger.info("numba %s kernel: first call in this process; compiling it or loading it from "
+                "the cache in %s (a cold compile takes ~1 min)", what, stats.cache_path)  # fmt: skip
+    t0 = time.perf_counter()
+    run()
+    how = "loaded from the cache" if sum(stats.cache_hits.values()) else "compiled and cached"
+    logger.info("numba %s kernel %s in %.1f s (%s)", what, how, time.perf_counter() - t0,
+                stats.cache_path)  # fmt: skip
+
+
 def forward_arrays(
     q: np.ndarray, k: np.ndarray, v: np.ndarray, kh: int, kw: int, scale: float
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -419,11 +437,11 @@ def forward_arrays(
     BH, H, W, _ = q.shape
     out = np.empty_like(q)
     lse = np.empty((BH, H, W), dtype=q.dtype)
-    _forward_jit(
+    _first_call(_forward_jit, "na2d forward", lambda: _forward_jit(
         q, k, v, out, lse,
         window_start_array(H, kh), window_start_array(W, kw),
         kh, kw, q.dtype.type(scale), _scratch(W, kh * kw, q.dtype),
-    )  # fmt: skip
+    ))  # fmt: skip
     return out, lse
 
 
@@ -443,11 +461,11 @@ def backward_arrays(
         raise RuntimeError(_IMPORT_ERROR)
     _, H, W, _ = q.shape
     dq, dk, dv = np.empty_like(q), np.empty_like(q), np.empty_like(q)
-    _backward_jit(
+    _first_call(_backward_jit, "na2d backward", lambda: _backward_jit(
         q, k, v, out, dout, lse, dq, dk, dv,
         window_start_array(H, kh), window_start_array(W, kw), *inverse_windows(W, kw),
         kh, kw, q.dtype.type(scale), _scratch(2 * W + 1, max(kh * kw, W), q.dtype),
-    )  # fmt: skip
+    ))  # fmt: skip
     return dq, dk, dv
 
 
