@@ -483,18 +483,15 @@ class ModelSampler:
 
 
 def code_version() -> str:
-    """``<mvar version>+src.<hash>``: the sha256 (12 hex) of the package's Python sources
-    (``mvar/``, ``baselines/``), so a sample folder is tied to the code that made its pixels,
-    committed or not, while edits elsewhere (docs, reports) do not invalidate it. The git SHA
-    is recorded beside it for reading (``settings.json`` ``git_sha``), not compared."""
+    """``<mvar version>+src.<hash>``: the first 12 hex of :func:`mvar.cache.code_fingerprint`
+    (the package's Python sources, ``mvar/`` and ``baselines/``), so a sample folder is tied to
+    the code that made its pixels, committed or not, while edits elsewhere (docs, reports) do
+    not invalidate it. The git SHA is recorded beside it for reading (``settings.json``
+    ``git_sha``), not compared."""
     from mvar import __version__
+    from mvar.cache import code_fingerprint
 
-    root = Path(__file__).resolve().parents[1]
-    h = hashlib.sha256()
-    for pkg in ("mvar", "baselines"):
-        for f in sorted((root / pkg).rglob("*.py")):
-            h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
-    return f"{__version__}+src.{h.hexdigest()[:12]}"
+    return f"{__version__}+src.{code_fingerprint()[:12]}"
 
 
 def resolve_na_backend(model: torch.nn.Module, device: torch.device | str, dtype: str) -> str:

@@ -434,11 +434,16 @@ def bootstrap_fid(
     level: float = 0.95,
     method: FidMethod = "sqrtm",
 ) -> tuple[float, float, float]:
-    """FID of ``features`` against fixed reference statistics, and a percentile bootstrap
-    interval at ``level``: the sample set is resampled with replacement ``reps`` times (same
-    size), the reference held fixed -- the interval is the spread due to which images a model
-    happened to generate, the quantity that matters when two models are scored against the
-    same reference. Returns (fid, low, high)."""
+    """FID of ``features`` against fixed reference statistics, and a bootstrap interval at
+    ``level``: the sample set is resampled with replacement ``reps`` times (same size), the
+    reference held fixed -- the interval is the spread due to which images a model happened to
+    generate, the quantity that matters when two models are scored against the same reference.
+
+    FID's estimator is biased upwards at finite N, and a resample with duplicated rows is
+    biased more, so the plain percentile interval can lie entirely above the point estimate.
+    The percentiles are therefore shifted by the bootstrap estimate of that extra bias
+    (mean of the resamples minus the point estimate); the low end is clipped at 0.
+    Returns (fid, low, high)."""
     x = np.asarray(features, dtype=np.float64)
     if reps < 2:
         raise ValueError(f"bootstrap needs reps >= 2, got {reps}")
@@ -450,5 +455,5 @@ def bootstrap_fid(
     for r in range(reps):
         rows = rng.integers(0, x.shape[0], size=x.shape[0])
         boots[r] = frechet_distance(*feature_statistics(x[rows]), mu_ref, sigma_ref, method=method)
-    lo, hi = np.quantile(boots, [(1 - level) / 2, (1 + level) / 2])
-    return float(fid), float(lo), float(hi)
+    lo, hi = np.quantile(boots - (boots.mean() - fid), [(1 - level) / 2, (1 + level) / 2])
+    return float(fid), max(float(lo), 0.0), float(hi)

@@ -305,42 +305,38 @@ class Stages:
 
     # -- samples --------------------------------------------------------------------------------
     def samples(self, name: str, model_art: Artifact, vae_art: Artifact) -> Artifact:
-        from mvar.generate import GenerationSettings, ModelSampler, generate_samples
+        """``per_class`` images per class through the paper-scale generation code
+        (:func:`mvar.generate.build_sampler` and :func:`~mvar.generate.generate_samples`: PNG
+        folder, per-batch seeds, content-keyed settings.json)."""
+        from mvar.generate import GenerationSettings, build_sampler, code_version, generate_samples
 
         s = self.study
-        sampling = s.sampling()
+        sampler = build_sampler(MODELS[name], model_art.path / model_art.info["file"],
+                                vae_art.path / vae_art.info["file"], s.sampling(),
+                                device=self.device)  # fmt: skip
         settings = GenerationSettings(
-            model=name, checkpoint=model_art.info["sha256"][:16], cfg=sampling.cfg,
-            top_k=sampling.top_k, top_p=sampling.top_p, seed=s.seed, per_class=s.per_class,
-            classes=tuple(range(s.num_classes)), batch_size=s.sample_batch,
+            model=name, cfg=s.guidance, top_k=s.top_k, top_p=s.top_p, seed=s.seed,
+            per_class=s.per_class, classes=tuple(range(s.num_classes)), batch_size=s.sample_batch,
+            code_version=code_version(), **sampler.provenance,  # type: ignore[arg-type]
         )  # fmt: skip
-        model = self.load_model(name, model_art)
-        backend = _na_backend(model)
-        config = {"settings": settings.to_json(), "na_backend": backend, "dtype": "float32",
-                  "device": self.device.type}  # fmt: skip
+        config = {"settings": settings.to_json()}
+        config["settings"].pop("git_sha", None)  # recorded for reading; code is in the key
         inputs = {"model": model_art.info["sha256"], "vae": vae_art.info["sha256"]}
 
         def build(folder: Path) -> dict[str, Any]:
-            sampler = ModelSampler(self.load_vae(vae_art), model, sampling)
             t0 = time.perf_counter()
             out = generate_samples(sampler, settings, folder, device=self.device)
-            return {"folder": out.name, "images": settings.num_images, "na_backend": backend,
-                    "seconds": time.perf_counter() - t0}  # fmt: skip
+            return {"folder": out.name, "images": settings.num_images,
+                    "na_backend": settings.na_backend, "seconds": time.perf_counter() - t0}  # fmt: skip
 
         return self.cache.get_or_build(f"samples-{name}", config, inputs, build)
 
 
-def _na_backend(model: torch.nn.Module) -> str:
-    """The neighbourhood-attention backend the model will run ("none" for VAR / scale-Markov)."""
-    na = getattr(model, "neighbourhood_attention", None)
-    if na is None or not any(model.config.uses_neighbourhood(si)
-                             for si in range(model.config.num_scales)):  # fmt: skip
-        return "none"
-    if na.backend is not None:
-        return str(na.backend)
-    from mvar.attention import default_backend
+def _na_backend(model: torch.nn.Module, device: torch.device) -> str:
+    """The neighbourhood-attention backend the model runs ("none" for VAR / scale-Markov)."""
+    from mvar.generate import resolve_na_backend
 
-    return default_backend(model.pos_1LC.device, torch.float32)
+    return resolve_na_backend(model, device, "float32")
 
 
 # --------------------------------------------------------------------------------------------
@@ -437,7 +433,7 @@ def measure_compute(name: str, model: torch.nn.Module, vae: torch.nn.Module, tok
     s, B = study.sampling(), study.latency_batch
     labels = torch.arange(B, device=device) % study.num_classes
     kw = dict(cfg=s.cfg, top_k=s.top_k, top_p=s.top_p, g_seed=study.seed)
-    out: dict[str, Any] = {"na_backend": _na_backend(model)}
+    out: dict[str, Any] = {"na_backend": _na_backend(model, device)}
     # Token generation: peak of live tensor bytes (weights of both networks included), exact
     # bytes of every storage the dispatcher creates while the real sampler runs.
     tracker = prof.LiveBytesTracker(round_to=1)
