@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from mvar.io import atomic_torch_save
+from mvar.io import atomic_torch_save, safe_torch_load
 
 log = logging.getLogger(__name__)
 
@@ -127,11 +127,7 @@ def load_evaluator(path: str | os.PathLike[str], device: str | torch.device = "c
             f"evaluator weights {p} not found; train them with the embedded study "
             "(python -m repro.embedded), which writes <cache>/evaluator-*/evaluator.pth"
         )
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise ValueError(f"{p} is not an evaluator weights file readable without code "
-                         f"execution ({type(e).__name__})") from None  # fmt: skip
+    obj = safe_torch_load(p, "evaluator weights")
     if not (isinstance(obj, dict) and {"config", "state_dict"} <= obj.keys()):
         raise ValueError(f"{p} is not an evaluator weights file (expected keys config, state_dict)")
     c = dict(obj["config"])

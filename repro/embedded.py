@@ -38,9 +38,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
-import math
 import os
 import sys
 import time
@@ -252,7 +250,7 @@ class Stages:
             path = ev.save_evaluator(model, folder / "evaluator.pth")
             log.info("evaluator held-out accuracy %.4f on %d images", acc, len(yt))
             return {"file": path.name, "sha256": sha256_file(path), "heldout_accuracy": acc,
-                    "heldout_images": int(len(yt))}  # fmt: skip
+                    "heldout_images": len(yt)}  # fmt: skip
 
         return self.cache.get_or_build("evaluator", config, {}, build)
 

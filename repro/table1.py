@@ -16,20 +16,14 @@ samples 50 images x 1000 classes with the checkpoint's official settings
 (``mvar.config.SAMPLING_PRESETS``), packs the npz and scores it. Every cell whose inputs are
 missing is a row with ``status="not measured: missing <file>"``.
 
-Embedded toy run (a CPU laptop, minutes)::
+Embedded study (a CPU laptop, <= 10 minutes; ``--embedded``, what ``nox -s repro_table1``
+runs): :mod:`repro.embedded` -- a trained tokenizer, a domain evaluator, VAR-tiny vs MVAR-tiny
+vs MVAR-dagger-tiny vs the scale-Markov ablation on generated shapes, with FID intervals and
+measured compute. It writes ``reports/embedded/`` (its own report contract); ``--study long``
+runs the longer, tighter version of the same code.
 
-    python -m repro.table1 --embedded                      # random-init tiny models
-    python -m repro.table1 --embedded --train-steps 300    # briefly trained first (slower)
-
-runs the same code (generate -> npz -> Inception -> metrics) on the tiny presets
-(``var-tiny``/``mvar-tiny`` standing in for VAR-d16/MVAR-d16, with their official sampling
-settings), 4 classes x 4 images, a reference of held-out images of the generated shapes data
-set (``mvar.data.SyntheticShapes``) and a random-weights Inception labelled
-``random-init inception (NOT comparable to paper)``. Its rows (table ``table1-embedded``) are
-real measurements of that toy setting and carry no paper value.
-
-Both write ``reports/table1.csv`` (long format, ``repro.report.COLUMNS``; the paper-scale rows
-always, the embedded rows with ``--embedded``) and ``reports/table1.md`` (paper vs ours).
+The paper-scale rows go to ``reports/table1.csv`` (long format, ``repro.report.COLUMNS``) and
+``reports/table1.md`` (paper vs ours), the embedded study's to ``reports/embedded/``.
 Paper numbers come from ``repro.paper`` (``TABLE1``).
 """
 
@@ -43,13 +37,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from mvar import dist, inception
 from mvar.checkpoint import DOWNLOADS as CHECKPOINT_DOWNLOADS
 from mvar.config import sampling_for
-from mvar.data import SyntheticShapes
 from mvar.evaluate import evaluate
 from mvar.generate import (
     GenerationSettings,
@@ -57,10 +49,9 @@ from mvar.generate import (
     code_version,
     generate_samples,
     pack_npz,
-    to_uint8,
 )
-from mvar.io import atomic_path, atomic_write_json
-from mvar.metrics import REFERENCE_ENV, REFERENCE_URL, feature_statistics
+from mvar.io import atomic_write_json
+from mvar.metrics import REFERENCE_ENV, REFERENCE_URL
 from repro import paper
 from repro.report import (
     ResultRow,
@@ -87,9 +78,6 @@ RESULT_KEYS: dict[str, tuple[str, str]] = {
 MODELS: tuple[tuple[str, str], ...] = (("var-d16", "var_d16.pth"), ("mvar-d16", "mvar-d16.pth"))
 VAE_FILE = "vae_ch160v4096z32.pth"
 REFERENCE_FILE = "VIRTUAL_imagenet256_labeled.npz"
-# Embedded toy run: tiny stand-ins of the two rows.
-EMBEDDED_MODELS: tuple[tuple[str, str], ...] = (("var-d16", "var-tiny"), ("mvar-d16", "mvar-tiny"))
-EMBEDDED_TABLE = "table1-embedded"
 # Where each input of the paper-scale rows comes from (checkpoints: mvar.checkpoint.DOWNLOADS).
 DOWNLOADS: dict[str, str] = {
     **{f: CHECKPOINT_DOWNLOADS[f] for f in (*(f for _, f in MODELS), VAE_FILE)},
@@ -264,86 +252,8 @@ def paper_scale_rows(
     return rows
 
 
-def synthetic_reference(
-    path: Path,
-    num_classes: int,
-    per_class: int,
-    size: int,
-    weights: Path,
-    label: str,
-    seed: int = 1,
-) -> Path:
-    """An ADM-shaped reference for the toy run: ``arr_0`` = images of the generated shapes
-    data set (``mvar.data.SyntheticShapes``, the embedded training data; ``seed`` 1 keeps them
-    apart from the training images of seed 0) and their precomputed ``mu``/``sigma``
-    (random-weights Inception), so the toy run takes the paper's FID-vs-statistics path."""
-    if path.is_file():
-        return path
-    data = SyntheticShapes(num_classes, per_class, size, seed)
-    img01 = torch.stack([(data[i][0] + 1) / 2 for i in range(len(data))])
-    arr = to_uint8(img01, "round")
-    feats = inception.InceptionExtractor(weights, label=label).extract([arr])
-    mu, sigma = feature_statistics(feats.pool)
-    with atomic_path(path) as tmp, tmp.open("wb") as f:
-        np.savez(f, mu=mu, sigma=sigma, arr_0=arr)
-    return path
-
-
-def train_tiny(preset: str, steps: int, num_classes: int, work: Path, device: torch.device) -> Path:
-    """Briefly train a tiny preset on the generated shapes (``mvar.train``; resumable: a
-    finished run is reused). The VQ-VAE is the seeded random-init one that ``load_pretrained``
-    builds too, so the sampler decodes with the VQ-VAE the tokens came from."""
-    from mvar.train import TrainConfig, train
-
-    if dist.get_world_size() > 1:
-        raise RuntimeError("--train-steps runs in a single process (mvar.train owns the group)")
-    cfg = TrainConfig(
-        model=preset, out_dir=str(work / "train" / preset), steps=steps, batch_size=16,
-        # A toy model needs a toy learning rate: the paper's 1e-4·batch/256 rule gives 6e-6 here.
-        lr=3e-3, warmup_steps=min(10, steps),
-        synthetic_classes=num_classes, synthetic_per_class=16, seed=0, device=str(device),
-        ckpt_every=max(steps // 4, 1),
-    )  # fmt: skip
-    return train(cfg)
-
-
-def embedded_rows(
-    args: argparse.Namespace, cfg: RunConfig, device: torch.device
-) -> list[ResultRow]:
-    work = Path(args.work_dir) / "embedded"
-    env = capture_environment(device, cfg.dtype)
-    label = inception.RANDOM_EXTRACTOR_LABEL
-    weights = work / "random-inception.pth"
-    if dist.is_main() and not weights.is_file():
-        inception.save_random_inception_weights(weights, seed=0)
-    dist.barrier()
-    from mvar.config import get_preset
-
-    size = get_preset(EMBEDDED_MODELS[0][1]).vae.image_size
-    reference = work / f"shapes-reference-{cfg.num_classes}x{cfg.per_class}.npz"
-    if dist.is_main():
-        synthetic_reference(reference, cfg.num_classes, cfg.per_class, size, weights, label)
-    dist.barrier()
-    rows: list[ResultRow] = []
-    for name, preset in EMBEDDED_MODELS:
-
-        def run(name: str = name, preset: str = preset) -> dict | None:
-            ckpt = None
-            if args.train_steps:
-                ckpt = train_tiny(preset, args.train_steps, cfg.num_classes, work, device)
-            return run_model(name, preset, ckpt, None, reference, weights, cfg, work, device,
-                             label)  # fmt: skip
-
-        rows += _model_rows(env, EMBEDDED_TABLE, preset, run, cfg.batch_size)
-    return rows
-
-
-def write_markdown_report(
-    csv_path: Path, md_path: Path, cfg: RunConfig, embedded: bool, train_steps: int = 0
-) -> Path:
-    weights_note = (
-        f"trained {train_steps} steps on the generated shapes" if train_steps else "random init"
-    )
+def write_markdown_report(csv_path: Path, md_path: Path, cfg: RunConfig,
+                          embedded_readme: Path | None = None) -> Path:  # fmt: skip
     df = read_csv(csv_path)
     out = [
         "# Table 1 — class-conditional ImageNet 256x256 (FID, IS, precision, recall)",
@@ -353,23 +263,18 @@ def write_markdown_report(
         "## Paper scale: VAR-d16 (official weights) and MVAR-d16 (trained from scratch)",
         "",
         markdown_table(df[df["table"] == "table1"]),
+        "## Embedded study (toy scale, CPU)",
+        "",
+        (
+            f"See [{embedded_readme.parent.name}/{embedded_readme.name}]({embedded_readme.parent.name}/"
+            f"{embedded_readme.name}) (`python -m repro.embedded`): trained tokenizer and domain "
+            "evaluator, VAR-tiny vs MVAR-tiny vs MVAR†-tiny vs the scale-Markov ablation. Not "
+            "comparable to the paper's numbers."
+            if embedded_readme is not None
+            else "Not run (`--embedded`, or `python -m repro.embedded`)."
+        ),
+        "",
     ]
-    if embedded:
-        part = df[df["table"] == EMBEDDED_TABLE]
-        out += [
-            "## Embedded toy run (NOT comparable to paper)",
-            "",
-            (
-                f"Tiny presets ({weights_note}) standing in for VAR-d16 / MVAR-d16 with their "
-                f"official sampling settings, {cfg.num_classes} classes x {cfg.per_class} "
-                "images, a reference of held-out images of the generated shapes data set, and "
-                f"extractor `{inception.RANDOM_EXTRACTOR_LABEL}`. The numbers are real "
-                "measurements of that toy setting and show the pipeline runs end to end; they "
-                "say nothing about the paper's claims."
-            ),
-            "",
-            markdown_table(part),
-        ]
     out += [
         "## Notes",
         "",
@@ -410,21 +315,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--reference", default=os.environ.get(REFERENCE_ENV), help=f"default: ${REFERENCE_ENV}"
     )
-    p.add_argument("--embedded", action="store_true", help="also run the toy pipeline on CPU")
-    p.add_argument(
-        "--paper", action="store_true",
-        help="paper-scale rows only (what runs without --embedded; accepted for noxfile use)",
-    )  # fmt: skip
-    p.add_argument(
-        "--train-steps", type=int, default=0,
-        help="embedded: train each tiny model this many steps on the generated shapes first "
-        "(default 0: random init)",
-    )  # fmt: skip
+    p.add_argument("--embedded", action="store_true",
+                   help="also run the embedded study (repro.embedded) into <out-dir>/embedded")
+    p.add_argument("--study", default="default",
+                   help="embedded study preset: default (<= 10 min on 2 cores) or long")
+    p.add_argument("--cache-dir", default=os.environ.get("MVAR_CACHE_DIR", "outputs/cache"),
+                   help="embedded: content-keyed artifact cache (default $MVAR_CACHE_DIR or "
+                   "%(default)s)")  # fmt: skip
     p.add_argument("--out-dir", default="reports")
     p.add_argument("--work-dir", default="outputs/table1", help="samples, npz, features, JSON")
-    p.add_argument("--per-class", type=int, help="default 50 (embedded: 4)")
-    p.add_argument("--num-classes", type=int, help="default 1000 (embedded: 4)")
-    p.add_argument("--batch-size", type=int, help="default 50 (embedded: 8)")
+    p.add_argument("--per-class", type=int, default=50)
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seed-mode", choices=("per-batch", "fixed"), default="per-batch")
     p.add_argument("--uint8", choices=("round", "truncate"), default="round")
@@ -438,35 +340,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> Path:
     args = build_parser().parse_args(argv)
-    if args.paper and args.embedded:
-        raise SystemExit("--paper and --embedded exclude each other")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     _paper_values_present()
+    study = None
+    if args.embedded:  # validate before any work
+        from repro.embedded import get_study
+
+        study = get_study(args.study)
     dist.init_from_env()
     try:
         device = torch.device(args.device) if args.device else dist.default_device()
-
-        def run_cfg(embedded: bool) -> RunConfig:
-            return RunConfig(
-                per_class=args.per_class or (4 if embedded else 50),
-                num_classes=args.num_classes or (4 if embedded else 1000),
-                batch_size=args.batch_size or (8 if embedded else 50),
-                seed=args.seed, seed_mode=args.seed_mode, uint8=args.uint8, dtype=args.dtype,
-                eval_batch=args.eval_batch, fid_method=args.fid_method, is_splits=args.is_splits,
-            )  # fmt: skip
-
-        rows = paper_scale_rows(args, run_cfg(False), device)
-        if args.embedded:
-            rows += embedded_rows(args, run_cfg(True), device)
+        cfg = RunConfig(
+            per_class=args.per_class, num_classes=args.num_classes, batch_size=args.batch_size,
+            seed=args.seed, seed_mode=args.seed_mode, uint8=args.uint8, dtype=args.dtype,
+            eval_batch=args.eval_batch, fid_method=args.fid_method, is_splits=args.is_splits,
+        )  # fmt: skip
+        rows = paper_scale_rows(args, cfg, device)
         out = Path(args.out_dir)
+        readme = None
+        if study is not None and dist.is_main():
+            from repro.embedded import run_study
+            from repro.embedded_report import write_report
+
+            # The study is a single-process CPU job; under torchrun only rank 0 runs it.
+            result = run_study(study, Path(args.cache_dir), torch.device("cpu"))
+            readme = write_report(result, out / "embedded")
         if dist.is_main():
             csv_path = write_csv(rows, out / "table1.csv")
-            md = write_markdown_report(
-                csv_path, out / "table1.md", run_cfg(args.embedded), args.embedded,
-                args.train_steps,
-            )  # fmt: skip
+            md = write_markdown_report(csv_path, out / "table1.md", cfg, readme)
             log.info("wrote %s and %s", csv_path, md)
         dist.barrier()
+        failed = [f"{r.model}/{r.metric}: {r.status}" for r in rows if r.status.startswith("error")]
+        if failed:  # a "not measured: missing <file>" cell is not a failure; an error is
+            raise SystemExit("table1: metric(s) failed: " + "; ".join(failed))
         return out / "table1.csv"
     finally:
         dist.destroy()

@@ -468,28 +468,3 @@ def test_table1_missing_files_give_not_measured_rows(
     rows = _read_rows(tmp_path / "reports" / "table1.csv")
     assert rows[0]["status"] == "not measured: missing var_d16.pth, vae_ch160v4096z32.pth"
 
-
-@pytest.mark.slow
-def test_table1_embedded_toy_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from repro import table1
-
-    _table1_env(tmp_path, monkeypatch)
-    # 4 classes x 1 image (k = 3 precision/recall needs more than 3 points per set).
-    table1.main(["--embedded", "--out-dir", "reports", "--work-dir", "work", "--per-class", "1",
-                 "--num-classes", "4", "--batch-size", "4", "--fid-method", "eigh",
-                 "--is-splits", "2", "--device", "cpu"])  # fmt: skip
-    rows = [r for r in _read_rows(tmp_path / "reports" / "table1.csv")
-            if r["table"] == "table1-embedded"]  # fmt: skip
-    assert [(r["model"], r["metric"]) for r in rows] == [
-        (m, k) for m in ("var-tiny", "mvar-tiny") for k in ("fid", "is", "precision", "recall")
-    ]
-    for r in rows:
-        assert r["status"] == "ok" and r["method"] == "measured", r
-        assert np.isfinite(float(r["value"])) and r["paper_value"] == ""
-    fids = [float(r["value"]) for r in rows if r["metric"] == "fid"]
-    assert fids[0] > 0 and fids[1] > 0 and fids[0] != fids[1]
-    res = json.loads((tmp_path / "work" / "embedded" / "mvar-d16.eval.json").read_text())
-    assert res["extractor"] == RANDOM_EXTRACTOR_LABEL and res["num_samples"] == 4
-    assert res["generation"]["cfg"] == 2.7 and res["generation"]["top_k"] == 1200  # mvar-d16's
-    md = (tmp_path / "reports" / "table1.md").read_text()
-    assert "Embedded toy run (NOT comparable to paper)" in md
