@@ -45,6 +45,8 @@ from torch.utils._pytree import tree_flatten
 
 from mvar.blocks import DenseAttention, NeighbourhoodAttention
 from mvar.config import ModelConfig, get_preset
+from mvar.schedule import TrainSchedule, scales_label
+from mvar.step import DEFAULT_GRAD_CLIP, DEFAULT_WEIGHT_DECAY, make_optimizer, make_scaler, train_step
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -744,48 +746,6 @@ def measure_inference_cuda(
 # =============================================================================================
 
 
-def train_chunks(cfg: ModelConfig | str) -> list[tuple[int, ...]]:
-    """The scale groups one training iteration runs: VAR the full sequence (one group of all
-    scales, block-causal); MVAR the official chunks (MVAR.md §3): all full-attention scales
-    packed, then each neighbourhood scale alone (0–7, 8, 9 at 256 px). The ablation's
-    scale-Markov-only variant has no NA scales; it is chunked like MVAR (0–7, 8, 9) since its
-    scales are independent all the same."""
-    cfg = _config(cfg)
-    S = cfg.num_scales
-    if cfg.arch == "var":
-        return [tuple(range(S))]
-    packed = tuple(si for si in range(S) if si < cfg.refine_step)
-    return [packed] + [(si,) for si in range(S) if si >= cfg.refine_step]
-
-
-def _train_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    labels: Tensor,
-    x_BLCv: Tensor,
-    targets_BL: Tensor,
-    scales: Sequence[int],
-    amp: Any,
-) -> Tensor:
-    """One iteration: forward of ``scales``, cross-entropy with per-token weight 1/L (not
-    renormalised per chunk, MVAR.md §3), backward, AdamW step."""
-    cfg: ModelConfig = model.config  # type: ignore[assignment]
-    be = cfg.begin_ends
-    idx = torch.cat([torch.arange(*be[si], device=labels.device) for si in scales])
-    with amp:
-        if cfg.arch == "var":
-            logits = model(labels, x_BLCv)
-        else:
-            logits = model(labels, x_BLCv, scales=scales)
-    loss = F.cross_entropy(
-        logits.float().reshape(-1, cfg.vocab_size), targets_BL[:, idx].reshape(-1), reduction="sum"
-    ) / (labels.shape[0] * cfg.seq_len)
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
-
-
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
     """``torch.autocast`` to ``dtype`` on ``device``, or nothing (fp32) when ``dtype`` is None."""
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
@@ -805,19 +765,25 @@ def _real_models(
 def _real_train_setup(
     cfg: ModelConfig, batch: int, device: torch.device
 ) -> tuple[nn.Module, torch.optim.Optimizer, tuple[Tensor, ...]]:
-    """A randomly initialised transformer in train mode, its AdamW and random inputs."""
+    """A randomly initialised transformer in train mode, the trainer's AdamW and random inputs."""
     from mvar.build import build_model
 
     model = build_model(cfg, device=device).train()
-    return model, _adamw(model, None), _train_inputs(cfg, batch, device)
+    return model, _optimizer(model, None), _train_inputs(cfg, batch, device)
 
 
-def _adamw(model: nn.Module, foreach: bool | None) -> torch.optim.Optimizer:
-    # VAR.md §4: AdamW betas (0.9, 0.95), wd 0.05. Memory does not depend on the lr.
-    return torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, foreach=foreach,
-    )  # fmt: skip
+def _optimizer(model: nn.Module, foreach: bool | None) -> torch.optim.Optimizer:
+    # The trainer's AdamW and parameter groups (mvar.step); memory does not depend on the lr.
+    return make_optimizer(model, lr=1e-4, weight_decay=DEFAULT_WEIGHT_DECAY, foreach=foreach)
+
+
+def _step(model: nn.Module, opt: torch.optim.Optimizer, inputs: tuple[Tensor, ...],
+          scales: Sequence[int], amp_dtype: torch.dtype | None = None) -> Tensor:  # fmt: skip
+    """The trainer's iteration (``mvar.step.train_step``) with its gradient clipping."""
+    labels, x_BLCv, targets = inputs
+    scaler = make_scaler(amp_dtype, x_BLCv.device) if amp_dtype is not None else None
+    return train_step(model, opt, labels, x_BLCv, targets, scales, grad_clip=DEFAULT_GRAD_CLIP,
+                      amp_dtype=amp_dtype, scaler=scaler)  # fmt: skip
 
 
 def _train_inputs(cfg: ModelConfig, batch: int, device: torch.device | str) -> tuple[Tensor, ...]:
@@ -827,9 +793,20 @@ def _train_inputs(cfg: ModelConfig, batch: int, device: torch.device | str) -> t
     return labels, x_BLCv, targets
 
 
+def train_schedule(cfg: ModelConfig | str) -> TrainSchedule:
+    """The trainer's chunk schedule at its official ``ratio_k`` (``mvar.schedule``)."""
+    return TrainSchedule.for_config(_config(cfg))
+
+
+def schedule_text(schedule: TrainSchedule) -> str:
+    """``"0-7×8 8×1 9×1"``: each chunk with its iterations per cycle."""
+    return " ".join(f"{scales_label(c)}×{w}" for c, w in zip(schedule.chunks, schedule.weights))
+
+
 @dataclass(frozen=True)
 class TrainMemory:
-    """Peak bytes of one training iteration per chunk (``chunks[name]``) and their max.
+    """Peak bytes of one training iteration per chunk (``chunks[name]``) and their max, the
+    peak of a training run whatever the schedule's weights.
 
     Each chunk's peak includes weights, gradients and AdamW state (``exp_avg``,
     ``exp_avg_sq``) present at that time, activations kept for backward and the optimizer
@@ -845,10 +822,7 @@ class TrainMemory:
     optimizer_state: int
     method: str
     what: str
-
-
-def chunk_name(scales: Sequence[int]) -> str:
-    return f"{scales[0]}-{scales[-1]}" if len(scales) > 1 else str(scales[0])
+    schedule: str = ""
 
 
 def estimate_train_memory(
@@ -862,14 +836,16 @@ def estimate_train_memory(
 
     The optimizer state exists from the start (a steady-state iteration, not the first), and
     AdamW uses the multi-tensor (``foreach``) path that is PyTorch's CUDA default. Every chunk
-    of :func:`train_chunks` is one iteration; its peak is recorded separately.
+    of the trainer's schedule is one iteration of the trainer's step; its peak is recorded
+    separately.
     """
     cfg = _config(cfg)
+    schedule = train_schedule(cfg)
     m = build_fake(cfg, train=True)
     model = m.model
     with m.fake_mode:
-        opt = _adamw(model, foreach)
-        labels, x_BLCv, targets = _train_inputs(cfg, batch, "cpu")
+        opt = _optimizer(model, foreach)
+        inputs = _train_inputs(cfg, batch, "cpu")
         # Warm the optimizer state (exp_avg, exp_avg_sq, step) with one step on zero grads.
         for p in model.parameters():
             p.grad = torch.zeros_like(p)
@@ -879,34 +855,36 @@ def estimate_train_memory(
     tracker = LiveBytesTracker(round_to=round_to)
     tracker.track(module_tensors(model), "weights")
     tracker.track(state, "optimizer_state")
-    tracker.track((labels, x_BLCv, targets), "inputs")
+    tracker.track(inputs, "inputs")
     weights = tensor_bytes(module_tensors(model))
     chunks: dict[str, int] = {}
     with m.fake_mode, tracker:
-        for scales in train_chunks(cfg):
-            name = chunk_name(scales)
+        for scales in schedule.chunks:
+            name = scales_label(scales)
             with tracker.phase(name):
-                _train_step(model, opt, labels, x_BLCv, targets, scales, nullcontext())
+                _step(model, opt, inputs, scales)
             chunks[name] = tracker.phase_peaks[name]
     grads = tensor_bytes(p for p in model.parameters() if p.requires_grad)  # one grad per param
     return TrainMemory(
         model=cfg.name, batch=batch, chunks=chunks, peak=max(chunks.values()), weights=weights,
         grads=grads, optimizer_state=tensor_bytes(state), method="estimated",
         what=f"peak live tensor bytes under FakeTensorMode, {round_to}-byte blocks, fp32, AdamW "
-        f"foreach={foreach}",
+        f"foreach={foreach}", schedule=schedule_text(schedule),
     )  # fmt: skip
 
 
 @dataclass(frozen=True)
 class TrainTiming:
-    """Seconds per iteration for each chunk and their mean (one chunk per iteration cycles
-    through all chunks, so an iteration costs the mean on average)."""
+    """Seconds per iteration for each chunk and ``mean_s``, their mean weighted by the
+    schedule (MVAR at 256 px: (8·t[0-7] + t[8] + t[9]) / 10), what an iteration costs on
+    average over a training run."""
 
     model: str
     batch: int
     chunks: dict[str, Timing]
     mean_s: float
     device: str
+    schedule: str = ""
 
 
 def time_train_step(
@@ -918,22 +896,21 @@ def time_train_step(
     repeats: int = 3,
     autocast_dtype: torch.dtype | None = None,
 ) -> TrainTiming:
-    """Real timing of training iterations (random weights and inputs) on ``device``.
+    """Real timing of the trainer's iteration (random weights and inputs) on ``device``.
 
-    Per chunk of :func:`train_chunks`: warm-up iterations untimed, then the median of
-    ``repeats``. For MVAR, ``mean_s`` is the average over chunks, i.e. what an iteration costs
-    over a cycle of the official trainer (one chunk per iteration)."""
+    Per chunk of the schedule: warm-up iterations untimed, then the median of ``repeats``;
+    ``mean_s`` weights each chunk by its iterations per cycle."""
     cfg, device = _config(cfg), torch.device(device)
-    model, opt, (labels, x_BLCv, targets) = _real_train_setup(cfg, batch, device)
-    amp = _autocast(device, autocast_dtype)
+    schedule = train_schedule(cfg)
+    model, opt, inputs = _real_train_setup(cfg, batch, device)
     out: dict[str, Timing] = {}
-    for scales in train_chunks(cfg):
-        out[chunk_name(scales)] = time_call(
-            lambda s=scales: _train_step(model, opt, labels, x_BLCv, targets, s, amp),
+    for scales in schedule.chunks:
+        out[scales_label(scales)] = time_call(
+            lambda s=scales: _step(model, opt, inputs, s, autocast_dtype),
             device=device, warmup=warmup, repeats=repeats,
         )  # fmt: skip
-    mean = sum(t.median_s for t in out.values()) / len(out)
-    return TrainTiming(cfg.name, batch, out, mean, str(device))
+    mean = schedule.weighted_mean({c: out[scales_label(c)].median_s for c in schedule.chunks})
+    return TrainTiming(cfg.name, batch, out, mean, str(device), schedule_text(schedule))
 
 
 def measure_train_memory_cuda(
@@ -946,18 +923,18 @@ def measure_train_memory_cuda(
     """Real training-step peak per chunk on a GPU (after one warm-up iteration of every chunk,
     so AdamW state exists). A chunk that runs out of memory is reported as ``"oom"``."""
     cfg, device = _config(cfg), torch.device(device)
+    schedule = train_schedule(cfg)
     out: dict[str, CudaMemory | str] = {}
     try:
-        model, opt, (labels, x_BLCv, targets) = _real_train_setup(cfg, batch, device)
+        model, opt, inputs = _real_train_setup(cfg, batch, device)
     except torch.cuda.OutOfMemoryError:
-        return {chunk_name(s): "oom" for s in train_chunks(cfg)}
-    amp = _autocast(device, autocast_dtype)
-    for scales in train_chunks(cfg):
-        name = chunk_name(scales)
+        return {scales_label(s): "oom" for s in schedule.chunks}
+    for scales in schedule.chunks:
+        name = scales_label(scales)
         try:
-            _train_step(model, opt, labels, x_BLCv, targets, scales, amp)  # warm-up
+            _step(model, opt, inputs, scales, autocast_dtype)  # warm-up
             with cuda_memory(device) as r:
-                _train_step(model, opt, labels, x_BLCv, targets, scales, amp)
+                _step(model, opt, inputs, scales, autocast_dtype)
             out[name] = r[0]
         except torch.cuda.OutOfMemoryError:
             opt.zero_grad(set_to_none=True)

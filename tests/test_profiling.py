@@ -15,6 +15,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from mvar import profiling as prof
 from mvar.blocks import DenseAttention, NeighbourhoodAttention
 from mvar.build import build_model
+from mvar.config import get_preset
+from mvar.schedule import TrainSchedule
 
 # PAPER.md Table 2 / ablation: attention GFLOPs per image (conditional branch).
 PAPER_GFLOPS = {
@@ -294,10 +296,26 @@ def test_paper_size_train_estimate_chunks() -> None:
     assert t.optimizer_state >= 2 * 310_283_520 * 4
 
 
-def test_train_chunks_follow_mvar_md() -> None:
-    assert prof.train_chunks("var-d16") == [tuple(range(10))]
-    assert prof.train_chunks("mvar-d16") == [tuple(range(8)), (8,), (9,)]
-    assert prof.train_chunks("mvar-d16-scale-markov") == [tuple(range(8)), (8,), (9,)]
+def test_profiler_uses_the_trainers_schedule() -> None:
+    for name in ("var-d16", "mvar-d16", "mvar-d16-scale-markov"):
+        assert prof.train_schedule(name) == TrainSchedule.for_config(get_preset(name))
+    assert prof.train_schedule("var-d16").chunks == (tuple(range(10)),)
+    assert prof.train_schedule("mvar-d16-scale-markov").chunks == (tuple(range(8)), (8,), (9,))
+    assert prof.schedule_text(prof.train_schedule("mvar-d16")) == "0-7×8 8×1 9×1"
+
+
+def test_train_timing_is_weighted_by_the_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Fake per-chunk medians 1 s (0-7), 3 s (8), 5 s (9): an iteration costs (8+3+5)/10 s.
+    medians = iter([1.0, 3.0, 5.0])
+
+    def fake_time_call(fn: object, **kw: object) -> prof.Timing:
+        m = next(medians)
+        return prof.Timing(m, m, m, 1, 0, "cpu")
+
+    monkeypatch.setattr(prof, "time_call", fake_time_call)
+    t = prof.time_train_step("mvar-tiny", 1)
+    assert list(t.chunks) == ["0-7", "8", "9"]
+    assert t.mean_s == pytest.approx(1.6) and t.schedule == "0-7×8 8×1 9×1"
 
 
 # --- NVML without a driver --------------------------------------------------------------------
