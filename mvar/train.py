@@ -50,7 +50,13 @@ from mvar.checkpoint import (
     resolve_checkpoint,
 )
 from mvar.config import get_preset
-from mvar.data import SyntheticShapes, TokenCache, encode_dataset, imagenet_folder
+from mvar.data import (
+    SyntheticShapes,
+    TokenCache,
+    build_token_cache,
+    encode_dataset,
+    imagenet_folder,
+)
 from mvar.io import atomic_torch_save, atomic_write
 from mvar.schedule import OFFICIAL_RATIO_K, TrainSchedule, scales_label
 from mvar.step import DEFAULT_GRAD_CLIP, DEFAULT_WEIGHT_DECAY, make_optimizer, make_scaler, param_groups, train_step
@@ -86,6 +92,7 @@ class TrainConfig:
     seed: int = 0
     data: str = "synthetic"  # "synthetic" or an ImageNet-layout folder
     recipe: str = "var"  # augmentation recipe for folders (var | mvar)
+    token_cache: str | None = None  # folder of the on-disk token cache; None: <out>/token_cache
     synthetic_classes: int = 10
     synthetic_per_class: int = 64
     vae_ckpt: str | None = None  # None: a seeded random-init VQ-VAE (embedded runs only)
@@ -128,7 +135,7 @@ class TrainConfig:
 
 #: Fields that change nothing the run computes: they may differ on resume.
 RESUME_FREE_FIELDS = frozenset({"out_dir", "ckpt_every", "stop_after", "log_every", "device",
-                                "allow_changed_args"})  # fmt: skip
+                                "allow_changed_args", "token_cache"})  # fmt: skip
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -152,20 +159,30 @@ def _device(name: str) -> torch.device:
 
 
 def _load_tokens(cfg: TrainConfig, vae: nn.Module, data: Dataset | None) -> TokenCache:
-    if data is None and cfg.data == "synthetic":
-        data = SyntheticShapes(
+    if data is not None:
+        return encode_dataset(vae, data, seed=cfg.seed)
+    if cfg.data == "synthetic":
+        synthetic = SyntheticShapes(
             cfg.synthetic_classes, cfg.synthetic_per_class, vae.cfg.image_size, cfg.seed
         )
-    elif data is None:
-        data = imagenet_folder(cfg.data, vae.cfg.image_size, cfg.recipe)
-    # Tokenising once is the official latent cache; for ImageNet use a pre-built cache at scale.
-    return encode_dataset(vae, data)
+        return encode_dataset(vae, synthetic, seed=cfg.seed)
+    # An image folder: the on-disk latent cache, sharded over ranks, resumable, keyed by its
+    # inputs. MVAR's recipe flips half the images: both orientations are cached and the flip
+    # is drawn per row and step. VAR's random crop is drawn once per image (seeded).
+    flips = cfg.recipe == "mvar"
+    if cfg.recipe == "var":
+        logger.warning("recipe var: the random crop is drawn once per image when tokenising "
+                       "(the cache keeps one crop per image)")  # fmt: skip
+    folder = imagenet_folder(cfg.data, vae.cfg.image_size, cfg.recipe, random_flip=False)
+    root = cfg.token_cache or str(Path(cfg.out_dir) / "token_cache")
+    return build_token_cache(vae, folder, root, recipe=cfg.recipe, image_size=vae.cfg.image_size,
+                             flips=flips, seed=cfg.seed)  # fmt: skip
 
 
 def tokens_fingerprint(tokens: TokenCache) -> str:
     """sha256 of the token ids and labels: what the run trained on, checked on resume."""
     h = hashlib.sha256()
-    for t in (*tokens.idx_Bl, tokens.labels):
+    for t in (*tokens.idx_Bl, tokens.labels, *(tokens.flip_idx_Bl or ())):
         h.update(str(tuple(t.shape)).encode())
         h.update(t.to(torch.int64).contiguous().numpy().tobytes())
     return h.hexdigest()
@@ -381,8 +398,10 @@ def train(cfg: TrainConfig, *, tokens: TokenCache | None = None,
         # (seed, g, rank), so a resumed run repeats the uninterrupted one exactly.
         torch.manual_seed(cfg.seed * 1_000_003 + step * 1_009 + rank)
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        rows = torch.randint(len(tokens), (cfg.batch_size,), generator=g)[rank::world]
-        idx_Bl, label_B = tokens.batch(rows)
+        rows = torch.randint(len(tokens), (cfg.batch_size,), generator=g)
+        # The 50% horizontal flip of MVAR's recipe, drawn per row and step (cached both ways).
+        flip_B = (torch.rand(cfg.batch_size, generator=g) < 0.5)[rank::world] if tokens.has_flips else None
+        idx_Bl, label_B = tokens.batch(rows[rank::world], flip_B)
         idx_Bl, label_B = [t.to(device) for t in idx_Bl], label_B.to(device)
         lr = lr_at(step, cfg)
         for group in opt.param_groups:
@@ -429,6 +448,9 @@ HELP: dict[str, str] = {
     "data": "'synthetic' (generated shapes) or an ImageNet-layout folder root/<class>/<image>",
     "recipe": "augmentation recipe for image folders: var (resize 1.125x, random crop) or "
               "mvar (ADM centre crop, horizontal flips)",
+    "token_cache": "folder of the token cache of an image folder (sharded over ranks, "
+                   "resumable, keyed by VQ-VAE, data listing, recipe and code); default "
+                   "<out>/token_cache",
     "synthetic_classes": "synthetic data: number of classes",
     "synthetic_per_class": "synthetic data: images per class",
     "vae_ckpt": "VQ-VAE weights (vae_ch160v4096z32.pth); default a seeded random VQ-VAE "
