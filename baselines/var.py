@@ -1,6 +1,6 @@
 """VAR: next-scale prediction with block-causal attention (Tian et al., NeurIPS 2024).
 
-The baseline MVAR is measured against, built from the blocks in ``mvar.blocks`` (MVAR only
+The baseline MVAR is measured against, built on ``mvar.transformer`` and the blocks in ``mvar.blocks`` (MVAR only
 swaps the attention pattern). Faithful to FoundationVision/VAR @ 78b9539: the official
 ``var_d16.pth`` … ``var_d30.pth`` load with ``strict=True`` and reproduce its outputs
 (``shared/fixtures``).
@@ -18,7 +18,8 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from mvar.blocks import AttendFn, ScaleARTransformer
+from mvar.blocks import AttendFn
+from mvar.transformer import ScaleARTransformer
 from mvar.config import ModelConfig
 from mvar.sampling import ScaleStep
 

@@ -23,7 +23,7 @@ import torch
 
 from mvar.build import build_model, build_vqvae
 from mvar.config import get_preset
-from mvar.schedule import TrainSchedule, scales_label
+from mvar.schedule import TrainSchedule
 from mvar.step import make_optimizer, train_step
 
 BATCH = 8
@@ -66,12 +66,13 @@ def test_train_step(benchmark, vae: torch.nn.Module, preset: str) -> None:
     model = build_model(preset).train()
     opt = make_optimizer(model, lr=1e-4)
     idx_Bl, label = _tokens(vae, BATCH), torch.arange(BATCH)
-    x_BLCv, target_BL = vae.idx_to_teacher_input(idx_Bl), torch.cat(idx_Bl, dim=1)
+    with torch.no_grad():  # the VQ-VAE is frozen (as in the trainer)
+        x_BLCv, target_BL = vae.idx_to_teacher_input(idx_Bl), torch.cat(idx_Bl, dim=1)
     schedule = TrainSchedule.for_config(model.config)
     _info(benchmark, preset, "train_step")
     # One round = one whole cycle of the schedule, so the per-iteration time (round time /
     # cycle length, bench.to_csv) is the schedule-weighted mean: MVAR (8·t[0-7]+t[8]+t[9])/10.
-    benchmark.extra_info["schedule"] = " ".join(scales_label(c) for c in schedule.cycle)
+    benchmark.extra_info["schedule"] = schedule.describe()
     benchmark.extra_info["iterations_per_round"] = len(schedule.cycle)
 
     def run() -> None:

@@ -25,7 +25,8 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from mvar.blocks import AttendFn, NeighbourhoodAttention, ScaleARTransformer
+from mvar.blocks import AttendFn, NeighbourhoodAttention
+from mvar.transformer import ScaleARTransformer
 from mvar.config import ModelConfig
 from mvar.sampling import ScaleStep
 

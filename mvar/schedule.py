@@ -1,5 +1,5 @@
 """Which scales each training iteration trains: the one definition of the chunk schedule, used
-by the trainer (``mvar.train``), the profiler (``mvar.profiling``) and the benchmarks.
+by the trainer (``mvar.train``), the profiler (``repro.compute``) and the benchmarks.
 
 * **VAR** (VAR.md §4) trains the whole pyramid every iteration: one chunk, all scales.
 * **MVAR** (official CVL-UESTC/MVAR ``trainer.py``, ``train_one_ep_ratio_k``; the paper's
@@ -72,6 +72,10 @@ class TrainSchedule:
     def weights(self) -> tuple[int, ...]:
         """Iterations per cycle of each of :attr:`chunks`."""
         return tuple(self.cycle.count(c) for c in self.chunks)
+
+    def describe(self) -> str:
+        """``"0-7×8 8×1 9×1"``: each chunk with its iterations per cycle."""
+        return " ".join(f"{scales_label(c)}×{w}" for c, w in zip(self.chunks, self.weights))
 
     def weighted_mean(self, per_chunk: dict[tuple[int, ...], float]) -> float:
         """The per-iteration average of a per-chunk quantity (e.g. step time) over a cycle."""

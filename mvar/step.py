@@ -1,6 +1,6 @@
 """One training iteration of VAR or MVAR: the optimiser recipe and the step itself.
 
-This is the one definition the trainer (``mvar.train``), the profiler (``mvar.profiling``,
+This is the one definition the trainer (``mvar.train``), the profiler (``repro.compute``,
 time and memory of a training iteration) and the benchmarks (``bench/``) all run, so what is
 timed is what is trained.
 

@@ -389,7 +389,7 @@ def train(cfg: TrainConfig, *, tokens: TokenCache | None = None,
     # This process runs steps start .. end-1; stop_after ends it early (resumable).
     end = cfg.steps if cfg.stop_after is None else min(cfg.steps, start + cfg.stop_after)
     logger.info("training %s: steps %d..%d of %d, schedule %s", mcfg.name, start, end, cfg.steps,
-                " ".join(f"{scales_label(c)}×{w}" for c, w in zip(schedule.chunks, schedule.weights)))  # fmt: skip
+                schedule.describe())  # fmt: skip
     bar = tqdm(range(start, end), initial=start, total=cfg.steps, desc=f"train {mcfg.name}",
                disable=rank != 0)  # fmt: skip
     for step in bar:

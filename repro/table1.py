@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from mvar import dist, inception
+from mvar.checkpoint import CHECKPOINT_FILES, VAE_FILE
 from mvar.checkpoint import DOWNLOADS as CHECKPOINT_DOWNLOADS
 from mvar.config import sampling_for
 from mvar.data import SyntheticShapes
@@ -83,8 +84,7 @@ RESULT_KEYS: dict[str, tuple[str, str]] = {
     "recall": ("recall", "pr_status"),
 }
 # The two reproduced rows of Table 1: (model name in repro.paper, default checkpoint file).
-MODELS: tuple[tuple[str, str], ...] = (("var-d16", "var_d16.pth"), ("mvar-d16", "mvar-d16.pth"))
-VAE_FILE = "vae_ch160v4096z32.pth"
+MODELS: tuple[tuple[str, str], ...] = tuple((m, CHECKPOINT_FILES[m]) for m in ("var-d16", "mvar-d16"))
 REFERENCE_FILE = "VIRTUAL_imagenet256_labeled.npz"
 # Embedded toy run: tiny stand-ins of the two rows.
 EMBEDDED_MODELS: tuple[tuple[str, str], ...] = (("var-d16", "var-tiny"), ("mvar-d16", "mvar-tiny"))
@@ -411,10 +411,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--embedded", action="store_true", help="also run the toy pipeline on CPU")
     p.add_argument(
-        "--paper", action="store_true",
-        help="paper-scale rows only (what runs without --embedded; accepted for noxfile use)",
-    )  # fmt: skip
-    p.add_argument(
         "--train-steps", type=int, default=0,
         help="embedded: train each tiny model this many steps on the generated shapes first "
         "(default 0: random init)",
@@ -437,8 +433,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> Path:
     args = build_parser().parse_args(argv)
-    if args.paper and args.embedded:
-        raise SystemExit("--paper and --embedded exclude each other")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     _paper_values_present()
     dist.init_from_env()
