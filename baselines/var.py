@@ -1,6 +1,6 @@
 """VAR: next-scale prediction with block-causal attention (Tian et al., NeurIPS 2024).
 
-The baseline MVAR is measured against, built from the blocks in ``mvar.blocks`` (MVAR only
+The baseline MVAR is measured against, built on ``mvar.transformer`` and the blocks in ``mvar.blocks`` (MVAR only
 swaps the attention pattern). Faithful to FoundationVision/VAR @ 78b9539: the official
 ``var_d16.pth`` … ``var_d30.pth`` load with ``strict=True`` and reproduce its outputs
 (``shared/fixtures``).
@@ -13,12 +13,13 @@ swaps the attention pattern). Faithful to FoundationVision/VAR @ 78b9539: the of
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
 
-from mvar.blocks import AttendFn, ScaleARTransformer
+from mvar.blocks import AttendFn
+from mvar.transformer import ScaleARTransformer
 from mvar.config import ModelConfig
 from mvar.sampling import ScaleStep
 
@@ -54,21 +55,36 @@ class VAR(ScaleARTransformer):
         # Block-causal: query of scale s sees keys of scales <= s (VAR.md §2.4).
         return self.scale_mask(torch.ge)
 
-    def forward(self, label_B: Tensor, x_BLCv: Tensor) -> Tensor:
-        """Teacher forcing: logits (B, L, V); logit t predicts token t of the pyramid.
+    def forward(
+        self, label_B: Tensor, x_BLCv: Tensor, scales: Iterable[int] | None = None
+    ) -> Tensor:
+        """Teacher forcing: logits of the tokens of ``scales`` (default: all, (B, L, V)),
+        concatenated in scale order; logit t of the full pyramid predicts token t.
 
         ``x_BLCv`` is the teacher-forcing input (B, L − first_l, Cvae) from
-        ``VQVAE.idx_to_teacher_input``.
+        ``VQVAE.idx_to_teacher_input``. The signature is MVAR's; since a VAR scale sees every
+        earlier one, asking for some scales runs the prefix 0..max(scales) and keeps their rows.
         """
+        S = len(self.patch_nums)
+        wanted = sorted(set(range(S) if scales is None else scales))
+        if not wanted or not 0 <= wanted[0] <= wanted[-1] < S:
+            raise ValueError(f"scales must be a non-empty subset of 0..{S - 1}, got {scales}")
+        top = wanted[-1] + 1
         cond_BD = self.class_condition(label_B)
-        x_BLC = self.embed_inputs(cond_BD, x_BLCv, range(len(self.patch_nums)))
+        x_BlC = self.embed_inputs(cond_BD, x_BLCv, range(top))
+        l_top = self.begin_ends[top - 1][1]
         bias = self.attn_bias_for_masking
+        if l_top < self.L:
+            bias = bias[:, :, :l_top, :l_top]
 
         def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             return self.dense_attention(q, k, v, bias)
 
-        h_BLC = self.run_blocks(x_BLC, cond_BD, [attend] * len(self.blocks))
-        return self.get_logits(h_BLC, cond_BD)
+        h_BlC = self.run_blocks(x_BlC, cond_BD, [attend] * len(self.blocks))
+        logits = self.get_logits(h_BlC, cond_BD)
+        if wanted != list(range(top)):
+            logits = torch.cat([logits[:, slice(*self.begin_ends[si])] for si in wanted], dim=1)
+        return logits
 
     def sampling_step(self) -> tuple[ScaleStep, Callable[[], int]]:
         """Each scale attends to itself and the cached keys/values of earlier scales (VAR.md §3)."""

@@ -7,8 +7,10 @@ Workloads (``benchmark.extra_info`` holds every parameter):
 
 * ``sample``: one full next-scale sampling call (tokens only, no VQ-VAE decode), CFG 1.5.
   VAR carries its KV cache across scales; MVAR runs each scale alone (MVAR.md §1).
-* ``train_step``: forward + backward + AdamW step. VAR trains the whole pyramid at once; MVAR
-  trains one chunk per iteration (MVAR.md §3), so its row is the mean over the three chunks.
+* ``train_step``: the trainer's iteration (``mvar.step.train_step``: forward, backward, clip,
+  AdamW over the trainer's parameter groups). VAR trains the whole pyramid at once; MVAR one
+  chunk per iteration following the trainer's schedule (``mvar.schedule``: 0-7 ×8, 8, 9), and
+  the rounds run whole cycles, so its row is the schedule-weighted mean.
 
 The presets are tiny (depth 2, width 128) so this finishes in a minute on two cores; paper-size
 timings need a GPU (``nox -s repro_table2`` on a GPU machine measures them).
@@ -21,7 +23,8 @@ import torch
 
 from mvar.build import build_model, build_vqvae
 from mvar.config import get_preset
-from mvar.train import iteration_chunks, token_loss
+from mvar.schedule import TrainSchedule
+from mvar.step import make_optimizer, train_step
 
 BATCH = 8
 
@@ -61,19 +64,19 @@ def test_sample(benchmark, vae: torch.nn.Module, preset: str) -> None:
 def test_train_step(benchmark, vae: torch.nn.Module, preset: str) -> None:
     torch.manual_seed(0)
     model = build_model(preset).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = make_optimizer(model, lr=1e-4)
     idx_Bl, label = _tokens(vae, BATCH), torch.arange(BATCH)
-    chunks = iteration_chunks(model)
-    state = {"i": 0}
+    with torch.no_grad():  # the VQ-VAE is frozen (as in the trainer)
+        x_BLCv, target_BL = vae.idx_to_teacher_input(idx_Bl), torch.cat(idx_Bl, dim=1)
+    schedule = TrainSchedule.for_config(model.config)
     _info(benchmark, preset, "train_step")
-    benchmark.extra_info["chunks"] = str(chunks)
+    # One round = one whole cycle of the schedule, so the per-iteration time (round time /
+    # cycle length, bench.to_csv) is the schedule-weighted mean: MVAR (8·t[0-7]+t[8]+t[9])/10.
+    benchmark.extra_info["schedule"] = schedule.describe()
+    benchmark.extra_info["iterations_per_round"] = len(schedule.cycle)
 
     def run() -> None:
-        chunk = chunks[state["i"] % len(chunks)]
-        state["i"] += 1
-        loss = token_loss(model, vae, idx_Bl, label, chunk)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        for scales in schedule.cycle:
+            train_step(model, opt, label, x_BLCv, target_BL, scales)
 
-    benchmark.pedantic(run, rounds=3 * len(chunks) * 2, warmup_rounds=len(chunks))
+    benchmark.pedantic(run, rounds=max(2, 6 // len(schedule.cycle)), warmup_rounds=1)

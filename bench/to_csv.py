@@ -3,7 +3,7 @@
     python -m bench.to_csv reports/bench/na2d.json reports/bench/na2d.csv
 
 Each row holds the benchmark's ``extra_info`` (its parameters), ``median_s`` (and ``min_s``,
-``rounds``), a ``status``
+``rounds``; per iteration when ``extra_info`` has ``iterations_per_round``), a ``status``
 (``ok``, ``oom`` or ``skipped: <reason>``; the skipped cells come from the JSON's ``"skipped"``
 list that ``bench/conftest.py`` writes) and the environment (``device``, ``torch``,
 ``git_sha``). Rows that carry a ``backend`` also get ``ratio_vs_dense``: the median of the
@@ -49,8 +49,10 @@ def rows_from_benchmark_json(data: dict[str, Any]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for bench in data.get("benchmarks", []):
         row = {**env, **bench.get("extra_info", {})}
-        row["median_s"] = bench["stats"]["median"]
-        row["min_s"] = bench["stats"].get("min", "")  # the floor, telling on a loaded machine
+        # A round may run several iterations (a whole training-schedule cycle): per iteration.
+        per = int(row.get("iterations_per_round", 1))
+        row["median_s"] = bench["stats"]["median"] / per
+        row["min_s"] = bench["stats"]["min"] / per if "min" in bench["stats"] else ""
         row["rounds"] = bench["stats"].get("rounds", "")
         row["status"] = "ok"
         row["test"] = bench.get("fullname", bench.get("name", ""))

@@ -34,12 +34,18 @@ logger = logging.getLogger(__name__)
 
 VAR_HUB = "https://huggingface.co/FoundationVision/var/resolve/main/"
 MVAR_HUB = "https://huggingface.co/CVLUESTC/MVAR/resolve/main/"
-#: Where each official file comes from.
+#: The official VQ-VAE file (VAR.md §1).
+VAE_FILE = "vae_ch160v4096z32.pth"
+#: The file of each released transformer checkpoint, by its name (``mvar.config.CHECKPOINT_PRESETS``).
+CHECKPOINT_FILES: dict[str, str] = {
+    **{f"var-d{d}": f"var_d{d}.pth" for d in (16, 20, 24, 30)},
+    "mvar-d16": "mvar-d16.pth",
+    **{f"mvar-finetune-d{d}": f"mvar-finetune-d{d}.pth" for d in (16, 20, 24)},
+}
+#: Where each official file comes from: the one registry of files and addresses.
 DOWNLOADS: dict[str, str] = {
-    "vae_ch160v4096z32.pth": VAR_HUB + "vae_ch160v4096z32.pth",
-    **{f"var_d{d}.pth": VAR_HUB + f"var_d{d}.pth" for d in (16, 20, 24, 30)},
-    "mvar-d16.pth": MVAR_HUB + "mvar-d16.pth",
-    **{f"mvar-finetune-d{d}.pth": MVAR_HUB + f"mvar-finetune-d{d}.pth" for d in (16, 20, 24)},
+    VAE_FILE: VAR_HUB + VAE_FILE,
+    **{f: (VAR_HUB if f.startswith("var_") else MVAR_HUB) + f for f in CHECKPOINT_FILES.values()},
 }
 #: Directories searched for a bare file name, after the current directory.
 CHECKPOINT_DIR_ENV = "MVAR_CHECKPOINT_DIR"

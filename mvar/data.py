@@ -6,8 +6,13 @@ Images are (3, H, W) float32 in [-1, 1], the VQ-VAE's input range (VAR.md §1).
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import inspect
+import json
 import logging
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,12 +114,15 @@ class SyntheticShapes(Dataset):
         return img.mul(2).sub(1).clamp(-1, 1), c
 
 
-def imagenet_folder(root: str | Path, image_size: int = 256, recipe: str = "var") -> Dataset:
+def imagenet_folder(
+    root: str | Path, image_size: int = 256, recipe: str = "var", *, random_flip: bool = True
+) -> Dataset:
     """An ImageNet-layout folder (``root/<wnid>/*.JPEG``) with an official training recipe:
 
     * ``var``: shorter side to 1.125·size (Lanczos), random crop, no flip (VAR.md §4);
     * ``mvar``: ADM centre crop (box-halve while the short side >= 2·size, bicubic to size,
-      centre crop) and 50% horizontal flips (MVAR.md §3).
+      centre crop) and 50% horizontal flips (MVAR.md §3). ``random_flip=False`` leaves the
+      flip out: the token cache encodes both orientations and draws the flip per batch.
     """
     from PIL import Image
     from torchvision import datasets, transforms
@@ -145,7 +153,8 @@ def imagenet_folder(root: str | Path, image_size: int = 256, recipe: str = "var"
             ]
         )
     elif recipe == "mvar":
-        tf = transforms.Compose([transforms.Lambda(adm_center_crop), transforms.RandomHorizontalFlip(), *to_pm1])
+        flip = [transforms.RandomHorizontalFlip()] if random_flip else []
+        tf = transforms.Compose([transforms.Lambda(adm_center_crop), *flip, *to_pm1])
     else:
         raise ValueError(f"unknown recipe {recipe!r}; expected 'var' or 'mvar'")
     return datasets.ImageFolder(str(root), transform=tf)
@@ -153,33 +162,247 @@ def imagenet_folder(root: str | Path, image_size: int = 256, recipe: str = "var"
 
 @dataclass
 class TokenCache:
-    """Per-scale VQ tokens and labels of a whole data set (the official "latent cache")."""
+    """Per-scale VQ tokens and labels of a whole data set (the official "latent cache").
+
+    ``flip_idx_Bl`` (optional) holds the tokens of every image flipped horizontally, so the
+    50% flip augmentation stays alive after tokenising: :meth:`batch` takes, per row, the
+    flipped or the plain tokens.
+    """
 
     idx_Bl: list[Tensor]  # per scale (N, pn*pn) int64
     labels: Tensor  # (N,) int64
+    flip_idx_Bl: list[Tensor] | None = None  # per scale (N, pn*pn): the flipped images
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def batch(self, rows: Tensor) -> tuple[list[Tensor], Tensor]:
-        return [t[rows] for t in self.idx_Bl], self.labels[rows]
+    @property
+    def has_flips(self) -> bool:
+        return self.flip_idx_Bl is not None
+
+    def batch(self, rows: Tensor, flip_B: Tensor | None = None) -> tuple[list[Tensor], Tensor]:
+        """Tokens and labels of ``rows``; ``flip_B`` (bool per row) picks the flipped view."""
+        if flip_B is None or self.flip_idx_Bl is None:
+            return [t[rows] for t in self.idx_Bl], self.labels[rows]
+        pick = flip_B.view(-1, 1)
+        return (
+            [torch.where(pick, f[rows], t[rows]) for t, f in zip(self.idx_Bl, self.flip_idx_Bl)],
+            self.labels[rows],
+        )
+
+
+def _img_batches(data: Dataset, indices: Sequence[int], batch_size: int,
+                 seed: int) -> Iterator[tuple[Tensor, list[int]]]:  # fmt: skip
+    for s in range(0, len(indices), batch_size):
+        imgs, labels = [], []
+        for i in indices[s : s + batch_size]:
+            # A random transform (VAR's random crop) draws from a per-image seed: the cache
+            # is the same whatever the sharding or a resume.
+            torch.manual_seed(seed * 1_000_003 + i)
+            x, y = data[i]
+            imgs.append(x)
+            labels.append(int(y))
+        yield torch.stack(imgs), labels
 
 
 @torch.no_grad()
-def encode_dataset(vae: torch.nn.Module, data: Dataset, batch_size: int = 32) -> TokenCache:
-    """Tokenise ``data`` once with the frozen VQ-VAE (tqdm progress)."""
-    order = range(len(data))  # type: ignore[arg-type]
+def _encode(vae: torch.nn.Module, img: Tensor, flips: bool) -> tuple[list[Tensor], list[Tensor] | None]:
     device = next(vae.parameters()).device
-    per_scale: list[list[Tensor]] = []
-    labels: list[int] = []
-    for s in tqdm(range(0, len(order), batch_size), desc="tokenising", unit="batch", leave=False):
-        items = [data[i] for i in order[s : s + batch_size]]
-        img = torch.stack([x for x, _ in items]).to(device)
-        labels += [int(y) for _, y in items]
-        idx = vae.img_to_idx(img)
-        if not per_scale:
-            per_scale = [[] for _ in idx]
-        for store, t in zip(per_scale, idx):
-            store.append(t.cpu())
-    return TokenCache([torch.cat(t) for t in per_scale], torch.tensor(labels, dtype=torch.long))
+    img = img.to(device)
+    idx = [t.cpu() for t in vae.img_to_idx(img)]
+    flipped = [t.cpu() for t in vae.img_to_idx(img.flip(-1))] if flips else None
+    return idx, flipped
 
+
+@torch.no_grad()
+def encode_dataset(vae: torch.nn.Module, data: Dataset, batch_size: int = 32, *,
+                   flips: bool = False, seed: int = 0) -> TokenCache:  # fmt: skip
+    """Tokenise ``data`` once with the frozen VQ-VAE, in memory (small data sets; for ImageNet
+    use :func:`build_token_cache`). ``flips`` also encodes every image flipped."""
+    n = len(data)  # type: ignore[arg-type]
+    per_scale: list[list[Tensor]] = []
+    per_scale_f: list[list[Tensor]] = []
+    labels: list[int] = []
+    batches = _img_batches(data, range(n), batch_size, seed)
+    for img, y in tqdm(batches, total=-(-n // batch_size), desc="tokenising", unit="batch", leave=False):
+        idx, flipped = _encode(vae, img, flips)
+        labels += y
+        per_scale = per_scale or [[] for _ in idx]
+        per_scale_f = per_scale_f or [[] for _ in idx]
+        for si, t in enumerate(idx):
+            per_scale[si].append(t)
+            if flipped is not None:
+                per_scale_f[si].append(flipped[si])
+    return TokenCache(
+        [torch.cat(t) for t in per_scale],
+        torch.tensor(labels, dtype=torch.long),
+        [torch.cat(t) for t in per_scale_f] if flips else None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The on-disk token cache for paper-scale data: sharded over ranks, resumable, content-keyed.
+# ---------------------------------------------------------------------------------------------
+
+#: Bump when the cache's file layout or what a token means changes.
+TOKEN_CACHE_FORMAT = 1
+
+
+def _sha256_tensors(tensors: dict[str, Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def vqvae_sha256(vae: torch.nn.Module) -> str:
+    """sha256 of the VQ-VAE's weights (its content, whatever file it came from)."""
+    return _sha256_tensors(dict(vae.state_dict()))
+
+
+def dataset_fingerprint(data: Dataset) -> str:
+    """sha256 of a data set's listing: for an image folder every (relative path, size, class),
+    for a dataclass data set (the generated ones) its fields. Other data sets must say what
+    they are with a ``fingerprint()`` method."""
+    h = hashlib.sha256()
+    if hasattr(data, "fingerprint"):
+        h.update(str(data.fingerprint()).encode())
+    elif hasattr(data, "samples") and hasattr(data, "root"):
+        root = Path(data.root)
+        for path, cls in data.samples:
+            p = Path(path)
+            h.update(f"{p.relative_to(root).as_posix()}\t{p.stat().st_size}\t{cls}\n".encode())
+    elif dataclasses.is_dataclass(data):
+        h.update(repr(data).encode())
+    else:
+        raise ValueError(
+            f"cannot fingerprint a {type(data).__name__}: give it a fingerprint() method "
+            f"(a string that changes whenever its images do)"
+        )
+    return h.hexdigest()
+
+
+def _code_version() -> str:
+    """sha256 of the code that decides what a token is: the VQ-VAE and the preprocessing."""
+    from mvar import vqvae
+
+    h = hashlib.sha256(str(TOKEN_CACHE_FORMAT).encode())
+    for src in (inspect.getsource(vqvae), inspect.getsource(imagenet_folder),
+                inspect.getsource(_img_batches), inspect.getsource(_encode)):  # fmt: skip
+        h.update(src.encode())
+    return h.hexdigest()
+
+
+def token_cache_key(vae: torch.nn.Module, data: Dataset, *, recipe: str, image_size: int,
+                    flips: bool, seed: int, chunk: int) -> dict[str, object]:  # fmt: skip
+    """Everything a cached token depends on; the cache folder is named by its sha256."""
+    return {
+        "format": TOKEN_CACHE_FORMAT,
+        "vqvae_sha256": vqvae_sha256(vae),
+        "data_sha256": dataset_fingerprint(data),
+        "num_images": len(data),  # type: ignore[arg-type]
+        "recipe": recipe,
+        "image_size": image_size,
+        "flips": flips,
+        "seed": seed,
+        "chunk": chunk,
+        "code_sha256": _code_version(),
+    }
+
+
+def _key_dir(root: Path, key: dict[str, object]) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    return root / f"tokens-{digest[:20]}"
+
+
+def _part_path(folder: Path, c: int) -> Path:
+    return folder / f"part-{c:06d}.pt"
+
+
+@torch.no_grad()
+def encode_shard(vae: torch.nn.Module, data: Dataset, cache_root: str | Path, *, recipe: str,
+                 image_size: int, rank: int = 0, world: int = 1, flips: bool = True,
+                 seed: int = 0, chunk: int = 1024, batch_size: int = 32) -> Path:  # fmt: skip
+    """Encode this rank's share of ``data`` into the cache folder of its key: parts of
+    ``chunk`` images, part c on rank c mod world, each written atomically. A part already on
+    disk is skipped, so a killed job resumes where it stopped. Returns the folder."""
+    from mvar.io import atomic_torch_save, atomic_write_json
+
+    key = token_cache_key(vae, data, recipe=recipe, image_size=image_size, flips=flips,
+                          seed=seed, chunk=chunk)  # fmt: skip
+    folder = _key_dir(Path(cache_root), key)
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = folder / "manifest.json"
+    if rank == 0 and not manifest.is_file():
+        atomic_write_json(manifest, key)
+    n = len(data)  # type: ignore[arg-type]
+    mine = [c for c in range(-(-n // chunk)) if c % world == rank]
+    todo = [c for c in mine if not _part_path(folder, c).is_file()]
+    logger.info("token cache %s: rank %d/%d encodes %d of its %d parts (%d images each)",
+                folder, rank, world, len(todo), len(mine), chunk)  # fmt: skip
+    for done, c in enumerate(todo, 1):
+        indices = range(c * chunk, min(n, (c + 1) * chunk))
+        idx_parts: list[list[Tensor]] = []
+        flip_parts: list[list[Tensor]] = []
+        labels: list[int] = []
+        for img, y in _img_batches(data, indices, batch_size, seed):
+            idx, flipped = _encode(vae, img, flips)
+            labels += y
+            idx_parts.append(idx)
+            if flipped is not None:
+                flip_parts.append(flipped)
+        part = {
+            "idx": [torch.cat(ts) for ts in zip(*idx_parts)],
+            "flip_idx": [torch.cat(ts) for ts in zip(*flip_parts)] if flips else None,
+            "labels": torch.tensor(labels, dtype=torch.long),
+        }
+        atomic_torch_save(part, _part_path(folder, c))
+        logger.info("token cache: part %d written (%d/%d on rank %d)", c, done, len(todo), rank)
+    return folder
+
+
+def load_token_cache(folder: str | Path, key: dict[str, object] | None = None) -> TokenCache:
+    """Assemble a complete cache folder (all parts, in image order); ``key`` must match its
+    manifest when given."""
+    folder = Path(folder)
+    manifest = folder / "manifest.json"
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{folder} is not a token cache (no manifest.json)")
+    saved = json.loads(manifest.read_text())
+    if key is not None and saved != key:
+        diff = sorted(k for k in set(saved) | set(key) if saved.get(k) != key.get(k))
+        raise ValueError(f"token cache {folder} was built from other inputs (differs in: "
+                         f"{', '.join(diff)}); expected a cache keyed by this run's inputs")  # fmt: skip
+    n, chunk = int(saved["num_images"]), int(saved["chunk"])
+    parts = []
+    for c in range(-(-n // chunk)):
+        p = _part_path(folder, c)
+        if not p.is_file():
+            raise FileNotFoundError(f"token cache {folder} is incomplete: {p.name} is missing "
+                                    f"(rerun the encoding; finished parts are kept)")  # fmt: skip
+        parts.append(torch.load(p, map_location="cpu", weights_only=True))
+    flips = bool(saved["flips"])
+    return TokenCache(
+        [torch.cat(ts) for ts in zip(*(p["idx"] for p in parts))],
+        torch.cat([p["labels"] for p in parts]),
+        [torch.cat(ts) for ts in zip(*(p["flip_idx"] for p in parts))] if flips else None,
+    )
+
+
+def build_token_cache(vae: torch.nn.Module, data: Dataset, cache_root: str | Path, *,
+                      recipe: str, image_size: int, flips: bool = True, seed: int = 0,
+                      chunk: int = 1024, batch_size: int = 32) -> TokenCache:  # fmt: skip
+    """Paper-scale tokenising: every rank encodes its parts (:func:`encode_shard`), then all
+    wait for each other and load the whole cache. Resumable and keyed by its inputs."""
+    from mvar import dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    folder = encode_shard(vae, data, cache_root, recipe=recipe, image_size=image_size,
+                          rank=rank, world=world, flips=flips, seed=seed, chunk=chunk,
+                          batch_size=batch_size)  # fmt: skip
+    dist.barrier()
+    key = token_cache_key(vae, data, recipe=recipe, image_size=image_size, flips=flips,
+                          seed=seed, chunk=chunk)  # fmt: skip
+    return load_token_cache(folder, key)

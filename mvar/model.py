@@ -13,8 +13,9 @@ Same parameters, embeddings, blocks, head and teacher-forcing inputs as VAR
    (kernel 7, softmax scale 1 on VAR's cosine q and k). With ``spatial_markov=False`` the model
    is the ablation's "(b) scale-Markov only".
 
-Training runs chunks of scales (MVAR.md §3): ``forward(..., scales=range(0, 8))`` packs scales
-0..7 with the block-diagonal mask, ``scales=[8]`` and ``[9]`` run alone.
+Training runs chunks of scales (MVAR.md §3; the schedule is ``mvar.schedule``):
+``forward(..., scales=range(0, 8))`` packs scales 0..7 with the block-diagonal mask,
+``scales=[8]`` and ``[9]`` run alone.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from mvar.blocks import AttendFn, NeighbourhoodAttention, ScaleARTransformer
+from mvar.blocks import AttendFn, NeighbourhoodAttention
+from mvar.transformer import ScaleARTransformer
 from mvar.config import ModelConfig
 from mvar.sampling import ScaleStep
 
@@ -67,9 +69,11 @@ class MVAR(ScaleARTransformer):
 
         return attend_dense
 
-    def chunks(self, scales: Iterable[int]) -> list[list[int]]:
-        """Group scales into independent forwards: consecutive full-attention scales are packed
-        together (block-diagonal mask), each neighbourhood scale runs alone."""
+    def forward_groups(self, scales: Iterable[int]) -> list[list[int]]:
+        """How one forward call splits the scales it is asked for into passes: consecutive
+        full-attention scales are packed together (block-diagonal mask), each neighbourhood
+        scale runs alone. This is not the training schedule (which chunk each iteration
+        trains): that is ``mvar.schedule.TrainSchedule``."""
         out: list[list[int]] = []
         for si in scales:
             if not 0 <= si < len(self.patch_nums):
@@ -94,7 +98,7 @@ class MVAR(ScaleARTransformer):
         scales = sorted(set(range(len(self.patch_nums)) if scales is None else scales))
         cond_BD = self.class_condition(label_B)
         logits = []
-        for chunk in self.chunks(scales):
+        for chunk in self.forward_groups(scales):
             x_BlC = self.embed_inputs(cond_BD, x_BLCv, chunk)
             attend = self._attend_scales(chunk)
             h_BlC = self.run_blocks(x_BlC, cond_BD, [attend] * len(self.blocks))

@@ -166,7 +166,6 @@ def sample_scales(
 
     N = model.patch_nums[-1]
     fhat = cond_BD.new_zeros(B, model.Cvae, N, N)
-    embedding = vae.quantize.embedding
     idx_per_scale: list[Tensor] = []
     logits_per_scale: list[Tensor] = []
     for si, pn in enumerate(model.patch_nums):
@@ -185,10 +184,10 @@ def sample_scales(
         idx_per_scale.append(idx_Bl)
         if more_smooth:  # pictures only: a soft code mixture, sharper at later scales
             tau = max(0.27 * (1 - ratio * 0.95), 0.005)
-            h_BlCv = gumbel_softmax(logits_BlV.mul(1 + ratio), tau, rng) @ embedding.weight
+            h_BlCv = gumbel_softmax(logits_BlV.mul(1 + ratio), tau, rng) @ vae.codebook
+            h_BCvpp = h_BlCv.transpose(1, 2).reshape(B, model.Cvae, pn, pn)
         else:
-            h_BlCv = embedding(idx_Bl)
-        h_BCvpp = h_BlCv.transpose(1, 2).reshape(B, model.Cvae, pn, pn)
+            h_BCvpp = vae.embed(idx_Bl, pn)
         fhat, next_map = vae.next_ar_input(si, fhat, h_BCvpp)
         if si + 1 < S:
             x_BlCv = next_map.view(B, model.Cvae, -1).transpose(1, 2)

@@ -618,6 +618,11 @@ class VQVAE(nn.Module):
         """Image in [-1, 1]: clamp(decoder(post_quant_conv(f̂)), -1, 1)."""
         return self.decoder(self.post_quant_conv(fhat_BCvNN)).clamp(-1, 1)
 
+    @property
+    def codebook(self) -> Tensor:
+        """The (V, Cvae) codebook (``quantize.embedding.weight``)."""
+        return self.quantize.embedding.weight
+
     def embed(self, idx_Bl_one_scale: Tensor, pn: int) -> Tensor:
         """Codebook vectors of one scale's tokens, (B, pn*pn) -> (B, Cvae, pn, pn)."""
         return self.quantize.embed(idx_Bl_one_scale, pn)

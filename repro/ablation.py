@@ -22,19 +22,17 @@ from tqdm import tqdm
 
 from repro import paper
 from repro.report import ResultRow, capture_environment, write_csv, write_markdown
-from repro.table2 import (
+from repro.rows import (
     MEMORY_NOTES,
     Options,
     compute_rows,
     cpu_load,
     gpu_rows,
+    parse_options,
     quality_rows,
     ratio_rows,
     report_sections,
     tiny_rows,
-)
-from repro.table2 import (
-    parse_args as _table2_args,
 )
 
 log = logging.getLogger(__name__)
@@ -91,7 +89,7 @@ def run(opts: Options) -> list[Path]:
 
 def parse_args(argv: Sequence[str] | None = None) -> Options:
     """The same options as ``repro.table2`` (the figure is Table 2's, never drawn here)."""
-    return replace(_table2_args(argv, __doc__.split("\n\n")[0]), figure=False)
+    return replace(parse_options(argv, __doc__.split("\n\n")[0]), figure=False)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

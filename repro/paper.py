@@ -2,13 +2,13 @@
 
 One registry for every number the harness compares against: Table 1 (the two scale-wise rows
 that are reproduced, plus the quoted rows of other model families, marked ``quoted=True``),
-Table 2 (pre-trained VAR vs fine-tuned MVAR†), the progressive ablation, the poster, the
-official MVAR model zoo and VAR's README FIDs. Values are copied from
-``shared/spec/PAPER.md`` (which copies the paper's table images, the README and the poster).
+Table 2 (pre-trained VAR vs fine-tuned MVAR†), the progressive ablation and the poster — the
+numbers a report reads. Values are copied from ``shared/spec/PAPER.md`` (which copies the
+paper's table images and the poster).
 
 Naming, shared by every report:
 
-- ``table``: ``"table1"``, ``"table2"``, ``"ablation"``, ``"poster"``, ``"zoo"``, ``"var_readme"``.
+- ``table``: ``"table1"``, ``"table2"``, ``"ablation"``, ``"poster"``.
 - ``model``: the released checkpoint / preset name where one exists (``var-d16``,
   ``mvar-finetune-d16`` = MVAR-d16† of Table 2, ``mvar-d16`` = MVAR-d16 trained from scratch,
   ``mvar-d16-scale-markov`` = ablation (b)); other families keep the paper's label.
@@ -29,15 +29,13 @@ from dataclasses import dataclass
 from mvar.config import CHECKPOINT_PRESETS
 
 # Where each block of numbers comes from (arXiv 2505.12742 v3 / ICLR 2026 camera-ready; the
-# CVL-UESTC/MVAR README; the ICLR 2026 poster; the FoundationVision/VAR README).
+# ICLR 2026 poster).
 SRC_TABLE1 = "MVAR paper, Table 1 (ImageNet 256x256 class-conditional); PAPER.md"
 SRC_TABLE2 = (
     "MVAR paper, Table 2 (pre-trained VAR vs fine-tuned MVAR†, RTX 4090, batch 32); PAPER.md"
 )
 SRC_ABLATION = "MVAR paper, progressive ablation figure (d16, batch 32); PAPER.md"
 SRC_POSTER = "MVAR ICLR 2026 poster (d24, batch 64); PAPER.md"
-SRC_ZOO = "CVL-UESTC/MVAR README model zoo (OpenAI evaluator); PAPER.md"
-SRC_VAR_README = "FoundationVision/VAR README (cfg 1.5, top_p 0.96, top_k 900); PAPER.md"
 
 # metric -> (unit, meaning). Memory cells in the paper are printed as "10882M"; the KV-cache
 # cells equal the exact MiB count (2·layers·680·C·64·4 bytes / 2**20, PAPER.md "How the compute
@@ -214,31 +212,8 @@ POSTER: list[PaperValue] = [
     PaperValue("poster", "mvar-finetune-d24", "inference_memory_ratio", 4.2, "x", SRC_POSTER, 64),
 ]
 
-# --- Official MVAR model zoo -----------------------------------------------------------------
-_ZOO_METRICS = ("fid", "is", "sfid", "precision", "recall")
-_ZOO: dict[str, tuple[float | str | None, ...]] = {
-    "mvar-d16": (3.01, 285.17, 6.26, 0.85, 0.51),
-    "mvar-finetune-d16": (3.37, 295.35, 6.10, 0.86, 0.48),
-    "mvar-finetune-d20": (2.83, 294.31, 6.12, 0.85, 0.52),
-    "mvar-finetune-d24": (2.15, 298.85, 5.62, 0.84, 0.56),
-}
-# Sampling settings each zoo row was scored with: (cfg, top_p, top_k) (= config.SAMPLING_PRESETS).
-ZOO_SAMPLING: dict[str, tuple[float, float, int]] = {
-    "mvar-d16": (2.7, 0.99, 1200),
-    "mvar-finetune-d16": (2.0, 0.99, 1200),
-    "mvar-finetune-d20": (1.5, 0.96, 900),
-    "mvar-finetune-d24": (1.4, 0.96, 900),
-}
-ZOO: list[PaperValue] = _row_block("zoo", SRC_ZOO, _ZOO_METRICS, _ZOO)
-
-# --- VAR README FIDs -------------------------------------------------------------------------
-VAR_README: list[PaperValue] = [
-    PaperValue("var_readme", f"var-d{d}", "fid", fid, "", SRC_VAR_README)
-    for d, fid in ((16, 3.55), (20, 2.95), (24, 2.33), (30, 1.97))
-]
-
-ALL: list[PaperValue] = [*TABLE1, *TABLE2, *ABLATION, *POSTER, *ZOO, *VAR_README]
-TABLES: tuple[str, ...] = ("table1", "table2", "ablation", "poster", "zoo", "var_readme")
+ALL: list[PaperValue] = [*TABLE1, *TABLE2, *ABLATION, *POSTER]
+TABLES: tuple[str, ...] = ("table1", "table2", "ablation", "poster")
 
 _INDEX: dict[tuple[str, str, str], PaperValue] = {}
 for _pv in ALL:

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from mvar import dist, inception
+from mvar.checkpoint import CHECKPOINT_FILES, VAE_FILE
 from mvar.checkpoint import DOWNLOADS as CHECKPOINT_DOWNLOADS
 from mvar.config import sampling_for
 from mvar.evaluate import evaluate
@@ -75,8 +76,7 @@ RESULT_KEYS: dict[str, tuple[str, str]] = {
     "recall": ("recall", "pr_status"),
 }
 # The two reproduced rows of Table 1: (model name in repro.paper, default checkpoint file).
-MODELS: tuple[tuple[str, str], ...] = (("var-d16", "var_d16.pth"), ("mvar-d16", "mvar-d16.pth"))
-VAE_FILE = "vae_ch160v4096z32.pth"
+MODELS: tuple[tuple[str, str], ...] = tuple((m, CHECKPOINT_FILES[m]) for m in ("var-d16", "mvar-d16"))
 REFERENCE_FILE = "VIRTUAL_imagenet256_labeled.npz"
 # Where each input of the paper-scale rows comes from (checkpoints: mvar.checkpoint.DOWNLOADS).
 DOWNLOADS: dict[str, str] = {

@@ -73,7 +73,7 @@ def test_mvar_packed_scales_equal_per_scale_forwards(tiny_vae: torch.nn.Module) 
         packed = model(label, x)  # scales 0..7 packed, 8 and 9 alone
         alone = torch.cat([model(label, x, scales=[si]) for si in range(len(model.patch_nums))], 1)
         chunk = model(label, x, scales=range(8))
-    assert model.chunks(range(10)) == [list(range(8)), [8], [9]]
+    assert model.forward_groups(range(10)) == [list(range(8)), [8], [9]]
     assert (packed - alone).abs().max().item() < 1e-5
     assert (chunk - alone[:, : model.begin_ends[7][1]]).abs().max().item() < 1e-5
 

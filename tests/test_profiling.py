@@ -1,4 +1,5 @@
-"""Efficiency profiling (``mvar.profiling``): attention-FLOP counting against hand counts and the
+"""Efficiency profiling (the instruments of ``mvar.profiling``, the measurements of
+``repro.compute``): attention-FLOP counting against hand counts and the
 closed form, the paper's GFLOPs and KV-cache cells, the live-bytes tracker, the NVML poller
 without a driver, and honest timing."""
 
@@ -15,6 +16,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from mvar import profiling as prof
 from mvar.blocks import DenseAttention, NeighbourhoodAttention
 from mvar.build import build_model
+from mvar.config import get_preset
+from mvar.schedule import TrainSchedule
+from repro import compute
 
 # PAPER.md Table 2 / ablation: attention GFLOPs per image (conditional branch).
 PAPER_GFLOPS = {
@@ -53,7 +57,7 @@ def test_analytic_d16_split_matches_paper_worked_example() -> None:
 @pytest.mark.parametrize("name", sorted(PAPER_GFLOPS))
 def test_analytic_gflops_equal_paper(name: str) -> None:
     got = prof.analytic_attention_macs(name).gflops
-    assert prof.gflops_close(got, PAPER_GFLOPS[name]), f"{name}: {got:.4f} vs {PAPER_GFLOPS[name]}"
+    assert compute.gflops_close(got, PAPER_GFLOPS[name]), f"{name}: {got:.4f} vs {PAPER_GFLOPS[name]}"
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_KV_MIB))
@@ -63,8 +67,8 @@ def test_analytic_kv_cache_equals_paper(name: str) -> None:
 
 
 def test_gflops_tolerance_rejects_a_real_difference() -> None:
-    assert prof.gflops_close(81.5121408, 81.52)
-    assert not prof.gflops_close(43.61 + 0.02, 43.61)
+    assert compute.gflops_close(81.5121408, 81.52)
+    assert not compute.gflops_close(43.61 + 0.02, 43.61)
 
 
 # --- the counter on hand-built calls (exact, hand-computed) ----------------------------------
@@ -180,9 +184,9 @@ def test_counting_distinguishes_the_patterns() -> None:
 @pytest.mark.parametrize("name", sorted(PAPER_GFLOPS))
 def test_paper_size_counted_gflops_and_kv_cache(name: str) -> None:
     batch = 32 if name in PAPER_KV_MIB else 1
-    c = prof.count_sampling(name, batch=batch, guidance=1.5)
+    c = compute.count_sampling(name, batch=batch, guidance=1.5)
     assert c.macs == prof.analytic_attention_macs(name)
-    assert prof.gflops_close(c.macs.gflops, PAPER_GFLOPS[name]), (name, c.macs.gflops)
+    assert compute.gflops_close(c.macs.gflops, PAPER_GFLOPS[name]), (name, c.macs.gflops)
     if name in PAPER_KV_MIB:
         assert c.kv_cache_bytes == PAPER_KV_MIB[name] * 2**20
     else:
@@ -271,8 +275,8 @@ def test_tracker_follows_backward_and_optimizer() -> None:
 
 @pytest.mark.slow
 def test_paper_size_inference_estimate_is_consistent() -> None:
-    var = prof.estimate_inference_memory("var-d16", 32, decode=False)
-    sm = prof.estimate_inference_memory("mvar-d16-scale-markov", 32, decode=False)
+    var = compute.estimate_inference_memory("var-d16", 32, decode=False)
+    sm = compute.estimate_inference_memory("mvar-d16-scale-markov", 32, decode=False)
     weights = 310_283_520 * 4 + 108_948_355 * 4
     # Resident: transformer + VQ-VAE parameters, plus buffers (the 680x680 fp32 mask is 1.85 MB)
     # and the rounding of each tensor to 512 B blocks.
@@ -286,7 +290,7 @@ def test_paper_size_inference_estimate_is_consistent() -> None:
 
 @pytest.mark.slow
 def test_paper_size_train_estimate_chunks() -> None:
-    t = prof.estimate_train_memory("mvar-d16-scale-markov", 4)
+    t = compute.estimate_train_memory("mvar-d16-scale-markov", 4)
     assert list(t.chunks) == ["0-7", "8", "9"]
     assert t.peak == max(t.chunks.values())
     # weights + grads + AdamW (exp_avg, exp_avg_sq) at least
@@ -294,10 +298,26 @@ def test_paper_size_train_estimate_chunks() -> None:
     assert t.optimizer_state >= 2 * 310_283_520 * 4
 
 
-def test_train_chunks_follow_mvar_md() -> None:
-    assert prof.train_chunks("var-d16") == [tuple(range(10))]
-    assert prof.train_chunks("mvar-d16") == [tuple(range(8)), (8,), (9,)]
-    assert prof.train_chunks("mvar-d16-scale-markov") == [tuple(range(8)), (8,), (9,)]
+def test_profiler_uses_the_trainers_schedule() -> None:
+    for name in ("var-d16", "mvar-d16", "mvar-d16-scale-markov"):
+        assert compute.train_schedule(name) == TrainSchedule.for_config(get_preset(name))
+    assert compute.train_schedule("var-d16").chunks == (tuple(range(10)),)
+    assert compute.train_schedule("mvar-d16-scale-markov").chunks == (tuple(range(8)), (8,), (9,))
+    assert compute.train_schedule("mvar-d16").describe() == "0-7×8 8×1 9×1"
+
+
+def test_train_timing_is_weighted_by_the_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Fake per-chunk medians 1 s (0-7), 3 s (8), 5 s (9): an iteration costs (8+3+5)/10 s.
+    medians = iter([1.0, 3.0, 5.0])
+
+    def fake_time_call(fn: object, **kw: object) -> prof.Timing:
+        m = next(medians)
+        return prof.Timing(m, m, m, 1, 0, "cpu")
+
+    monkeypatch.setattr(compute, "time_call", fake_time_call)
+    t = compute.time_train_step("mvar-tiny", 1)
+    assert list(t.chunks) == ["0-7", "8", "9"]
+    assert t.mean_s == pytest.approx(1.6) and t.schedule == "0-7×8 8×1 9×1"
 
 
 # --- NVML without a driver --------------------------------------------------------------------
@@ -377,6 +397,6 @@ def test_fake_runs_do_not_poison_the_dense_mask_cache() -> None:
 
     q = torch.randn(1, 2, 13, 13, 8)
     want = na2d(q, q, q, 7, backend="dense")
-    c = prof.count_sampling("mvar-tiny", batch=1)
+    c = compute.count_sampling("mvar-tiny", batch=1)
     assert c.macs == prof.analytic_attention_macs("mvar-tiny")
     assert torch.equal(na2d(q, q, q, 7, backend="dense"), want)
