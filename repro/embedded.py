@@ -172,11 +172,11 @@ STUDIES: dict[str, StudyConfig] = {
     ),  # fmt: skip
     # The whole pipeline at miniature size, for the tests (seconds per stage; numbers noisy).
     "miniature": StudyConfig(
-        name="miniature", steps=6, finetune_steps=3, batch_size=8, per_class=4, sample_batch=20,
-        vae=(("steps", 30), ("batch_size", 16)), bootstrap_reps=20, is_splits=2,
+        name="miniature", steps=10, finetune_steps=10, batch_size=4, per_class=4, sample_batch=20,
+        vae=(("steps", 20), ("batch_size", 8)), bootstrap_reps=20, is_splits=2,
         latency_batch=2, latency_repeats=1,
         evaluator=ev.EvaluatorConfig(steps=60, batch_size=32),
-        split_sizes=(("tokenizer", 200), ("transformer", 100), ("evaluator", 400),
+        split_sizes=(("tokenizer", 100), ("transformer", 40), ("evaluator", 400),
                      ("evaluator_test", 100), ("reference", 100), ("holdout", 40)),
     ),  # fmt: skip
 }
@@ -413,12 +413,22 @@ def history_rows(folder: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def train_step_seconds(history: list[dict[str, str]], skip: int = 10) -> float:
-    """Mean wall time per iteration over the training run, first ``skip`` iterations (warm-up,
-    first-touch allocations) left out. The trainer follows each model's own schedule, so for
-    MVAR this is already the schedule-weighted mean."""
-    secs = [float(h["seconds"]) for h in history[skip:]] or [float(h["seconds"]) for h in history]
-    return float(np.mean(secs))
+def train_step_seconds(history: list[dict[str, str]], cfg: Any, skip: int = 10) -> float:
+    """Seconds per iteration of the actual training run under the model's own schedule: the
+    median wall time of each chunk's iterations (the first ``skip`` iterations -- warm-up,
+    first-touch allocations -- left out), weighted by the chunk's share of the schedule's
+    cycle (:class:`mvar.schedule.TrainSchedule`; VAR: one chunk, every iteration)."""
+    from mvar.schedule import TrainSchedule, scales_label
+
+    schedule = TrainSchedule.for_config(cfg)
+    rows = history[skip:] if len(history) > skip else history
+    per_chunk: dict[tuple[int, ...], float] = {}
+    for chunk in schedule.chunks:
+        secs = [float(h["seconds"]) for h in rows if h["scales"] == scales_label(chunk)]
+        if not secs:
+            raise ValueError(f"training history has no iteration of chunk {scales_label(chunk)}")
+        per_chunk[chunk] = float(np.median(secs))
+    return schedule.weighted_mean(per_chunk)
 
 
 def measure_compute(name: str, model: torch.nn.Module, vae: torch.nn.Module, tokens: TokenCache,
@@ -426,7 +436,8 @@ def measure_compute(name: str, model: torch.nn.Module, vae: torch.nn.Module, tok
     """Peak memory of token generation, KV cache, sampling latency, attention GFLOPs and the
     training-step peak, on real tensors of the trained model on ``device``."""
     from mvar import profiling as prof
-    from mvar.train import iteration_chunks, param_groups, token_loss
+    from mvar.schedule import TrainSchedule, scales_label
+    from mvar.step import make_optimizer, train_step
 
     s, B = study.sampling(), study.latency_batch
     labels = torch.arange(B, device=device) % study.num_classes
@@ -449,35 +460,30 @@ def measure_compute(name: str, model: torch.nn.Module, vae: torch.nn.Module, tok
     with torch.no_grad(), prof.AttentionCounter(model) as counter:
         model.sample(vae, labels[:1], **kw)
     out["attention_gflops"] = counter.result().gflops
-    # Training step: one warm-up iteration (so AdamW's state exists, as in steady state), then
-    # every chunk of the model's schedule once with a real batch; peak live bytes per chunk
-    # (weights, gradients, optimizer state, activations), the max is the model's.
+    # Training step: the trainer's own step (mvar.step.train_step: param groups, clipping,
+    # AdamW) on a real batch; one warm-up iteration first so AdamW's state exists (steady
+    # state), then every chunk of the model's schedule once, peak live bytes per chunk
+    # (weights, gradients, optimizer state, activations); the max is the model's.
     train_model = type(model)(model.config).to(device)
     train_model.load_state_dict(model.state_dict())
     train_model.train()
-    opt = torch.optim.AdamW(param_groups(train_model, 0.05), lr=1e-6, betas=(0.9, 0.95))
+    opt = make_optimizer(train_model, lr=1e-6)
     idx_Bl, label_B = tokens.batch(torch.arange(study.batch_size) % len(tokens))
-    chunks = iteration_chunks(train_model)
-
-    def step(chunk: Sequence[int] | None) -> None:
-        loss = token_loss(train_model, vae, idx_Bl, label_B, chunk)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    step(chunks[0])
+    with torch.no_grad():  # the frozen VQ-VAE, as in the trainer
+        x_BLCv = vae.idx_to_teacher_input(idx_Bl)
+    target_BL = torch.cat(idx_Bl, dim=1)
+    schedule = TrainSchedule.for_config(train_model.config)
+    train_step(train_model, opt, label_B, x_BLCv, target_BL, schedule.chunks[0])
     peaks: dict[str, int] = {}
-    nS = model.config.num_scales
-    for chunk in chunks:
+    for chunk in schedule.chunks:
         tracker = prof.LiveBytesTracker(round_to=1)
         tracker.track(prof.module_tensors(train_model), "weights")
         tracker.track([t for st in opt.state.values() for t in st.values()
                        if isinstance(t, torch.Tensor)], "optimizer_state")  # fmt: skip
+        tracker.track([x_BLCv, target_BL, label_B], "inputs")
         with tracker:
-            step(chunk)
-        scales = list(range(nS)) if chunk is None else list(chunk)
-        peaks[f"{scales[0]}-{scales[-1]}" if len(scales) > 1 else str(scales[0])] = tracker.peak
+            train_step(train_model, opt, label_B, x_BLCv, target_BL, chunk)
+        peaks[scales_label(chunk)] = tracker.peak
     out["train_peak_memory"] = max(peaks.values())
     out["train_peak_by_chunk"] = peaks
     return out
@@ -551,7 +557,7 @@ def run_study(study: StudyConfig, cache_dir: Path, device: torch.device) -> Stud
     for name in ("var-tiny", "mvar-tiny", "mvar-tiny-scale-markov"):
         model = st.load_model(name, arts[name])
         compute[name] = measure_compute(name, model, vae, tokens, study, device)
-        train_seconds[name] = train_step_seconds(history_rows(arts[name].path))
+        train_seconds[name] = train_step_seconds(history_rows(arts[name].path), model.config)
         compute[name]["train_step_time"] = train_seconds[name]
     return StudyResult(study, scores, float(arts["evaluator"].info["heldout_accuracy"]), compute,
                        train_seconds, arts, vae_report, feats, time.perf_counter() - t_start,
