@@ -6,9 +6,9 @@
 Workloads (``benchmark.extra_info`` holds every parameter):
 
 * ``sample``: one full next-scale sampling call (tokens only, no VQ-VAE decode), CFG 1.5.
-  VAR carries its KV cache across scales; MVAR runs each scale alone (MVAR.md §1).
+  VAR carries its KV cache across scales; MVAR runs each scale alone (docs/mvar.md §1).
 * ``train_step``: forward + backward + AdamW step. VAR trains the whole pyramid at once; MVAR
-  trains one chunk per iteration (MVAR.md §3), so its row is the mean over the three chunks.
+  trains one chunk per iteration (docs/mvar.md §3), so its row is the mean over the three chunks.
 
 The presets are tiny (depth 2, width 128) so this finishes in a minute on two cores; paper-size
 timings need a GPU (``nox -s repro_table2`` on a GPU machine measures them).

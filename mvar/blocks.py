@@ -1,6 +1,6 @@
 """Transformer blocks shared by VAR (``baselines/var.py``) and MVAR (``mvar/model.py``).
 
-Both models are the same network (VAR.md §2: AdaLN pre-norm blocks, cosine attention, one
+Both models are the same network (docs/var.md §2: AdaLN pre-norm blocks, cosine attention, one
 class-conditioned head); they differ only in *which keys each query may see*. So a block never
 decides that: its attention calls an ``attend(q, k, v)`` function handed in by the model, which
 is where VAR's block-causal mask and KV cache, and MVAR's block-diagonal scales and 2-D
@@ -25,7 +25,7 @@ from mvar.config import ModelConfig
 from mvar.sampling import SampleOutput, ScaleStep, sample_scales
 
 # attend(q_BHlc, k_BHLc, v_BHLc) -> o_BHlc.  q and k arrive l2-normalised, q already multiplied
-# by exp(scale_mul) (cosine attention, VAR.md §2.4).
+# by exp(scale_mul) (cosine attention, docs/var.md §2.4).
 AttendFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
@@ -87,7 +87,7 @@ class DenseAttention(nn.Module):
 
 
 class NeighbourhoodAttention(nn.Module):
-    """2-D neighbourhood attention on one scale's pn×pn token map (MVAR §2, NATTEN's window
+    """2-D neighbourhood attention on one scale's pn×pn token map (docs/mvar.md §2, NATTEN's window
     rule), through :func:`mvar.attention.na2d`. Tokens are row-major inside a scale."""
 
     def __init__(self, kernel_size: int, scale: float, backend: str | None = None) -> None:
@@ -112,14 +112,14 @@ class NeighbourhoodAttention(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Multi-head cosine self-attention of VAR (VAR.md §2.4); the pattern comes from ``attend``."""
+    """Multi-head cosine self-attention of VAR (docs/var.md §2.4); the pattern comes from ``attend``."""
 
     def __init__(self, C: int, num_heads: int, attn_l2_norm: bool) -> None:
         super().__init__()
         self.num_heads, self.head_dim = num_heads, C // num_heads
         self.attn_l2_norm = attn_l2_norm
         if attn_l2_norm:
-            # Learned per-head temperature, initialised to 4 and capped at 100 (VAR §2.4).
+            # Learned per-head temperature, initialised to 4 and capped at 100 (docs/var.md §2.4).
             self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), 4.0).log())
             self.max_scale_mul = math.log(100.0)
         self.mat_qkv = nn.Linear(C, 3 * C, bias=False)
@@ -153,7 +153,7 @@ class SelfAttention(nn.Module):
 
 
 class AdaLNSelfAttn(nn.Module):
-    """Pre-norm block with adaptive LayerNorm from the class condition (VAR.md §2.3)."""
+    """Pre-norm block with adaptive LayerNorm from the class condition (docs/var.md §2.3)."""
 
     def __init__(self, cfg: ModelConfig, drop_path: float) -> None:
         super().__init__()
@@ -163,7 +163,7 @@ class AdaLNSelfAttn(nn.Module):
         self.ffn = FFN(C, round(C * cfg.mlp_ratio))
         self.ln_wo_grad = nn.LayerNorm(C, eps=cfg.norm_eps, elementwise_affine=False)
         self.shared_aln = cfg.shared_aln
-        if cfg.shared_aln:  # only the 512 px d36 model shares one AdaLN (VAR §2)
+        if cfg.shared_aln:  # only the 512 px d36 model shares one AdaLN (docs/var.md §2)
             self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, C) / C**0.5)
         else:
             self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
@@ -212,7 +212,7 @@ def scale_ids(patch_nums: Sequence[int]) -> Tensor:
 class ScaleARTransformer(nn.Module):
     """What VAR and MVAR share. Subclasses set the attention pattern: they implement
     ``build_attn_bias`` (the ``attn_bias_for_masking`` buffer, rebuilt from the geometry on
-    every load — a checkpoint's copy is never trusted, MVAR.md §3), ``forward`` (teacher
+    every load — a checkpoint's copy is never trusted, docs/mvar.md §3), ``forward`` (teacher
     forcing) and ``sampling_step`` (one scale's forward while sampling).
     """
 
@@ -229,7 +229,7 @@ class ScaleARTransformer(nn.Module):
         self.patch_nums = tuple(cfg.patch_nums)
         self.first_l = self.patch_nums[0] ** 2
         self.begin_ends = cfg.begin_ends
-        self.cond_drop_rate = 0.1  # class dropout for CFG, training only (VAR §4)
+        self.cond_drop_rate = 0.1  # class dropout for CFG, training only (docs/var.md §4)
 
         # Registration order reproduces the official state-dict order.
         self.word_embed = nn.Linear(cfg.Cvae, C)
@@ -241,7 +241,7 @@ class ScaleARTransformer(nn.Module):
             self.shared_ada_lin: nn.Module = nn.Sequential(nn.SiLU(), SharedAdaLin(C, 6 * C))
         else:
             self.shared_ada_lin = nn.Identity()
-        # Stochastic depth grows linearly over the blocks (VAR §2); plain floats so that
+        # Stochastic depth grows linearly over the blocks (docs/var.md §2); plain floats so that
         # building on the meta device works.
         dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(AdaLNSelfAttn(cfg, dpr[i]) for i in range(cfg.depth))
@@ -267,7 +267,7 @@ class ScaleARTransformer(nn.Module):
     @staticmethod
     def _rebuild_mask(module: nn.Module, incompatible: Any) -> None:
         # The mask is a function of the geometry; a loaded copy can be wrong (the official
-        # MVAR fine-tunes inherited VAR's block-causal one, MVAR.md §3). The key stays in the
+        # MVAR fine-tunes inherited VAR's block-causal one, docs/mvar.md §3). The key stays in the
         # state dict (so VAR and MVAR files stay interchangeable) but its values are replaced
         # after every load; a shape mismatch still fails the load, since it means another
         # geometry.
@@ -294,7 +294,7 @@ class ScaleARTransformer(nn.Module):
     ) -> Tensor:
         """Token embeddings of scale ``si``: the start tokens (class embedding + pos_start) for
         si = 0, else word_embed of the scale's input ``x_BlCv`` (B, pn², Cvae), the area-down
-        of the cumulative f̂ (VAR.md §1); plus the level and position embedding."""
+        of the cumulative f̂ (docs/var.md §1); plus the level and position embedding."""
         lvl_pos = self.lvl_pos() if lvl_pos is None else lvl_pos
         bg, ed = self.begin_ends[si]
         if si == 0:
@@ -344,7 +344,7 @@ class ScaleARTransformer(nn.Module):
         decode: bool = True,
         record_logits: bool = False,
     ) -> SampleOutput:
-        """Sample B images of classes ``label_B`` (VAR.md §3, MVAR.md §5). At ``cfg == 1.0``
+        """Sample B images of classes ``label_B`` (docs/var.md §3, docs/mvar.md §5). At ``cfg == 1.0``
         the unconditional half still runs when ``CFG_ONE_RUNS_UNCONDITIONAL`` (VAR); otherwise
         only the conditional rows run, with no guidance (MVAR), as in the official samplers."""
         step, kv_cache_bytes = self.sampling_step()
@@ -357,7 +357,7 @@ class ScaleARTransformer(nn.Module):
         out.kv_cache_bytes = kv_cache_bytes()
         return out
 
-    # -- initialisation (training from scratch; VAR §2 "Initialisation") --------------------
+    # -- initialisation (training from scratch; docs/var.md §2.7) --------------------
     @torch.no_grad()
     def init_weights(
         self, init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5, init_head: float = 0.02

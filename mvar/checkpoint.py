@@ -1,6 +1,6 @@
 """Finding, reading and loading the official checkpoints (and our own).
 
-Formats accepted (VAR.md §2, MVAR.md §4):
+Formats accepted (docs/var.md §2, docs/mvar.md §4):
 
 * VAR's released ``var_d16.pth`` … ``var_d30.pth``: a plain state dict.
 * MVAR's released ``mvar-d16.pth``, ``mvar-finetune-d16/20/24.pth``: ``{'mvar_wo_ddp': sd}``.
@@ -163,7 +163,7 @@ def load_transformer_state_dict(
     model: nn.Module, sd: Mapping[str, Tensor], source: str = "<state dict>"
 ) -> None:
     """Strict load with a complete report. The model rebuilds its attention mask afterwards
-    (any loaded ``attn_bias_for_masking`` values are ignored, MVAR.md §3)."""
+    (any loaded ``attn_bias_for_masking`` values are ignored, docs/mvar.md §3)."""
     problems = state_dict_mismatch(model, sd)
     if problems:
         name = getattr(getattr(model, "config", None), "name", type(model).__name__)

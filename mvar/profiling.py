@@ -7,11 +7,11 @@ What is measured, and how (every function states its method; see ``repro/report.
   ``DenseAttention`` / ``NeighbourhoodAttention`` of a real model and counts, per call, the
   qkv projection (3·C² per query token), q·kᵀ and attention·v (C per query-key pair each) as
   multiply-accumulates, per image (each call's count divided by its batch rows). This is the
-  paper's convention (PAPER.md "How the compute columns are counted"): MACs not 2× FLOPs,
+  paper's convention (docs/counting.md §1): MACs not 2× FLOPs,
   conditional branch only, output projection and MLP excluded. Paper-size models run under
   ``FakeTensorMode``, so d24 costs nothing. :func:`analytic_attention_macs` is the closed form.
 * **KV cache** (``counted``): bytes of the VAR sampler's actual K/V tensors at the end of
-  sampling (``SampleOutput.kv_cache_bytes``); 0 for MVAR, which has none (MVAR.md §1).
+  sampling (``SampleOutput.kv_cache_bytes``); 0 for MVAR, which has none (docs/mvar.md §1).
 * **Peak memory without a GPU** (``estimated``): :class:`LiveBytesTracker`, a
   ``TorchDispatchMode`` that follows the live tensor storages of a run under ``FakeTensorMode``
   (nothing is allocated), each rounded up to the CUDA caching allocator's 512-byte blocks. It
@@ -85,16 +85,16 @@ class AttentionMacs:
 
     @property
     def gflops(self) -> float:
-        """The paper's "GFLOPs" column: MACs / 1e9 (PAPER.md)."""
+        """The paper's "GFLOPs" column: MACs / 1e9 (docs/counting.md §1)."""
         return self.total / 1e9
 
 
 def attention_pairs_per_scale(cfg: ModelConfig | str) -> list[int]:
     """Query-key pairs of one layer, per image, for each scale's queries.
 
-    VAR: a query of scale s sees every key of scales <= s (block-causal, VAR.md §2.4).
-    MVAR: only its own scale (block-diagonal, MVAR.md §1), and on neighbourhood scales exactly
-    k×k keys (NATTEN's shifted window never truncates, MVAR.md §2).
+    VAR: a query of scale s sees every key of scales <= s (block-causal, docs/var.md §2.4).
+    MVAR: only its own scale (block-diagonal, docs/mvar.md §1), and on neighbourhood scales exactly
+    k×k keys (NATTEN's shifted window never truncates, docs/mvar.md §2).
     """
     cfg = _config(cfg)
     out, seen = [], 0
@@ -112,7 +112,7 @@ def attention_pairs_per_scale(cfg: ModelConfig | str) -> list[int]:
 
 
 def analytic_attention_macs(cfg: ModelConfig | str) -> AttentionMacs:
-    """Closed form of the paper's attention GFLOPs (PAPER.md): per layer 3·C²·L for the qkv
+    """Closed form of the paper's attention GFLOPs (docs/counting.md §1): per layer 3·C²·L for the qkv
     projection plus C per pair for q·kᵀ and again for attention·v; times depth."""
     cfg = _config(cfg)
     C, L, d = cfg.embed_dim, cfg.seq_len, cfg.depth
@@ -124,7 +124,7 @@ def analytic_kv_cache_bytes(
     cfg: ModelConfig | str, batch: int, *, guided: bool = True, element_size: int = 4
 ) -> int:
     """K and V of all L tokens in every layer for the 2B CFG rows (B without guidance):
-    2·depth·rows·L·C·element_size (PAPER.md; VAR.md §3). MVAR keeps no cache: 0."""
+    2·depth·rows·L·C·element_size (docs/counting.md §5; docs/var.md §3.5). MVAR keeps no cache: 0."""
     cfg = _config(cfg)
     if cfg.arch != "var":
         return 0
@@ -343,7 +343,7 @@ class NvmlReading:
 
 class NvmlPeakPoller:
     """Poll ``nvmlDeviceGetMemoryInfo(handle).used`` from a thread (NVML has no peak counter,
-    EVALUATION.md). Without a driver or the library the poller does nothing and its
+    docs/counting.md §6). Without a driver or the library the poller does nothing and its
     :attr:`reading` says why; it never raises for that.
 
     ``device_index`` is NVML's index; where torch can name the device's PCI bus the poller
@@ -746,7 +746,7 @@ def measure_inference_cuda(
 
 def train_chunks(cfg: ModelConfig | str) -> list[tuple[int, ...]]:
     """The scale groups one training iteration runs: VAR the full sequence (one group of all
-    scales, block-causal); MVAR the official chunks (MVAR.md §3): all full-attention scales
+    scales, block-causal); MVAR the official chunks (docs/mvar.md §3): all full-attention scales
     packed, then each neighbourhood scale alone (0–7, 8, 9 at 256 px). The ablation's
     scale-Markov-only variant has no NA scales; it is chunked like MVAR (0–7, 8, 9) since its
     scales are independent all the same."""
@@ -768,7 +768,7 @@ def _train_step(
     amp: Any,
 ) -> Tensor:
     """One iteration: forward of ``scales``, cross-entropy with per-token weight 1/L (not
-    renormalised per chunk, MVAR.md §3), backward, AdamW step."""
+    renormalised per chunk, docs/mvar.md §3), backward, AdamW step."""
     cfg: ModelConfig = model.config  # type: ignore[assignment]
     be = cfg.begin_ends
     idx = torch.cat([torch.arange(*be[si], device=labels.device) for si in scales])
@@ -813,7 +813,7 @@ def _real_train_setup(
 
 
 def _adamw(model: nn.Module, foreach: bool | None) -> torch.optim.Optimizer:
-    # VAR.md §4: AdamW betas (0.9, 0.95), wd 0.05. Memory does not depend on the lr.
+    # docs/var.md §4: AdamW betas (0.9, 0.95), wd 0.05. Memory does not depend on the lr.
     return torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
         lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, foreach=foreach,
@@ -1000,5 +1000,5 @@ def mib(nbytes: float) -> float:
 
 def gflops_close(a: float, b: float, tol: float = 0.01) -> bool:
     """Paper GFLOPs cells are rounded (two differ from the exact count by one unit in the last
-    digit, PAPER.md), so compare within 0.01."""
+    digit, docs/counting.md §3), so compare within 0.01."""
     return math.isclose(a, b, abs_tol=tol + 1e-9)

@@ -1,4 +1,4 @@
-"""Training and fine-tuning VAR and MVAR (VAR.md §4, MVAR.md §3), one process or ``torchrun``.
+"""Training and fine-tuning VAR and MVAR (docs/var.md §4, docs/mvar.md §3), one process or ``torchrun``.
 
     python -m mvar.train --model mvar-tiny --steps 300 --out outputs/train/mvar-tiny
     torchrun --nproc_per_node=8 -m mvar.train --model mvar-d16 --data /imagenet/train \\
@@ -48,7 +48,7 @@ class TrainConfig:
     out_dir: str = "outputs/train/mvar-tiny"
     steps: int = 300
     batch_size: int = 16  # global, over all ranks
-    lr: float | None = None  # None: 1e-4 · batch / 256 (VAR §4)
+    lr: float | None = None  # None: 1e-4 · batch / 256 (docs/var.md §4)
     weight_decay: float = 0.05
     warmup_steps: int | None = None  # None: steps / 50 (VAR's ep/50 epochs)
     wpe: float = 0.1  # final lr as a fraction of the peak (d16/d20)
@@ -88,7 +88,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, object]]:
-    """Decay weight matrices and ``class_emb`` only (VAR §4): no decay for biases, q/v bias,
+    """Decay weight matrices and ``class_emb`` only (docs/var.md §4): no decay for biases, q/v bias,
     scale_mul, pos_start, pos_1LC or lvl_embed."""
     no_decay_names = ("pos_start", "pos_1LC", "lvl_embed.", "scale_mul_1H11")
     decay, no_decay = [], []
@@ -104,7 +104,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, object
 
 
 def iteration_chunks(model: nn.Module) -> list[Sequence[int] | None]:
-    """The scale groups training cycles through, one per iteration: MVAR's chunks (MVAR.md §3),
+    """The scale groups training cycles through, one per iteration: MVAR's chunks (docs/mvar.md §3),
     or ``[None]`` (the whole sequence) for VAR."""
     if model.config.arch == "mvar":  # type: ignore[union-attr]
         return list(model.chunks(range(len(model.config.patch_nums))))  # type: ignore[operator,union-attr]
@@ -169,7 +169,7 @@ def train(cfg: TrainConfig, tokens: TokenCache | None = None) -> Path:
     model.init_weights(init_adaln_gamma=cfg.alng)
     if cfg.init_from:
         sd = extract_transformer_state_dict(read_checkpoint(cfg.init_from), cfg.init_from)
-        model.load_state_dict(sd, strict=True)  # MVAR rebuilds its mask (MVAR.md §3)
+        model.load_state_dict(sd, strict=True)  # MVAR rebuilds its mask (docs/mvar.md §3)
         logger.info("initialised %s from %s", mcfg.name, cfg.init_from)
     model.to(device).train()
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.peak_lr(),

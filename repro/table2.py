@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 DEPTHS: tuple[int, ...] = (16, 20, 24)
 # (name in the paper's table, architecture preset). MVAR† is the fine-tuned MVAR; its
-# architecture is the mvar-d* preset (MVAR.md §3: same parameters, another mask).
+# architecture is the mvar-d* preset (docs/mvar.md §3: same parameters, another mask).
 TABLE2_MODELS: tuple[tuple[str, str], ...] = tuple(
     pair
     for d in DEPTHS
@@ -61,7 +61,7 @@ TABLE2_MODELS: tuple[tuple[str, str], ...] = tuple(
 # The figure's six models (panel c): architectures, no checkpoints involved.
 FIGURE_MODELS: tuple[str, ...] = tuple(f"{a}-d{d}" for a in ("var", "mvar") for d in DEPTHS)
 FIGURE_BATCHES: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
-# Checkpoints each Table 2 row's quality columns need (MVAR.md §4, VAR.md).
+# Checkpoints each Table 2 row's quality columns need (docs/mvar.md §4, docs/var.md §4.5).
 CHECKPOINT_FILES: dict[str, str] = {
     **{f"var-d{d}": f"var_d{d}.pth" for d in DEPTHS},
     **{f"mvar-finetune-d{d}": f"mvar-finetune-d{d}.pth" for d in DEPTHS},
@@ -449,7 +449,7 @@ MEMORY_NOTES: tuple[str, ...] = (
     (
         "`train_memory` (estimated) = max over the iteration's chunks of the peak with weights, "
         "grads, AdamW state (exp_avg, exp_avg_sq; steady state) and activations, fp32 with no "
-        "autocast; VAR runs the full 680-token sequence, MVAR the chunks 0-7 / 8 / 9 (MVAR.md §3), "
+        "autocast; VAR runs the full 680-token sequence, MVAR the chunks 0-7 / 8 / 9 (docs/mvar.md §3), "
         "listed as `train_memory_chunk_*`. The paper trained with fp16 autocast, so its cells are "
         "not the same setting."
     ),
@@ -462,7 +462,7 @@ MEMORY_NOTES: tuple[str, ...] = (
         "GFLOPs are multiply-accumulates per image in the attention blocks (qkv projection + q·kᵀ + "
         "attention·v), conditional branch only: `counted` by hooks on the real model during CFG "
         "sampling (each call divided by its 2B rows), `analytic` from the config. The paper prints "
-        "81.52 and 37.84 where the exact counts are 81.512 and 37.845 (PAPER.md)."
+        "81.52 and 37.84 where the exact counts are 81.512 and 37.845 (docs/counting.md §3)."
     ),
 )
 
