@@ -3,7 +3,7 @@
 The baseline MVAR is measured against, built on ``mvar.transformer`` and the blocks in ``mvar.blocks`` (MVAR only
 swaps the attention pattern). Faithful to FoundationVision/VAR @ 78b9539: the official
 ``var_d16.pth`` … ``var_d30.pth`` load with ``strict=True`` and reproduce its outputs
-(``shared/fixtures``).
+(``docs/parity.md``).
 
 * Teacher forcing: the whole L-token pyramid in one pass; a token sees every token of its own
   and of all earlier scales (the block-causal ``attn_bias_for_masking``).
@@ -52,7 +52,7 @@ class VAR(ScaleARTransformer):
         super().__init__(cfg)
 
     def build_attn_bias(self) -> Tensor:
-        # Block-causal: query of scale s sees keys of scales <= s (VAR.md §2.4).
+        # Block-causal: query of scale s sees keys of scales <= s (docs/var.md §2.4).
         return self.scale_mask(torch.ge)
 
     def forward(
@@ -87,7 +87,7 @@ class VAR(ScaleARTransformer):
         return logits
 
     def sampling_step(self) -> tuple[ScaleStep, Callable[[], int]]:
-        """Each scale attends to itself and the cached keys/values of earlier scales (VAR.md §3)."""
+        """Each scale attends to itself and the cached keys/values of earlier scales (docs/var.md §3)."""
         cache = KVCache(len(self.blocks))
 
         def cached_attend(layer: int) -> AttendFn:

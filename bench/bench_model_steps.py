@@ -6,7 +6,7 @@
 Workloads (``benchmark.extra_info`` holds every parameter):
 
 * ``sample``: one full next-scale sampling call (tokens only, no VQ-VAE decode), CFG 1.5.
-  VAR carries its KV cache across scales; MVAR runs each scale alone (MVAR.md §1).
+  VAR carries its KV cache across scales; MVAR runs each scale alone (docs/mvar.md §1).
 * ``train_step``: the trainer's iteration (``mvar.step.train_step``: forward, backward, clip,
   AdamW over the trainer's parameter groups). VAR trains the whole pyramid at once; MVAR one
   chunk per iteration following the trainer's schedule (``mvar.schedule``: 0-7 ×8, 8, 9), and

@@ -8,7 +8,7 @@ Run (results go to ``reports/bench/``; the CSV has one row per backend x workloa
     python -m bench.to_csv reports/bench/na2d.json reports/bench/na2d.csv
 
 Workloads: B in {2, 64} (B = 2 is one image with classifier-free guidance), 16 heads, D = 64,
-grids 13x13 and 16x16 (MVAR's scales 8 and 9, MVAR.md §2), k = 7, fp32; passes ``fwd``
+grids 13x13 and 16x16 (MVAR's scales 8 and 9, docs/mvar.md §2), k = 7, fp32; passes ``fwd``
 (under ``torch.no_grad``, as in sampling) and ``fwd+bwd`` (forward, then ``autograd.grad`` of
 all three inputs, as in training). Each benchmark group (``<pass> B=<B> <H>x<W>``) holds every
 backend, so pytest-benchmark prints them side by side and the CSV's ``ratio_vs_dense`` is
@@ -42,7 +42,7 @@ from mvar.attention import backend_unavailable_reason, na2d
 
 THREADS = int(os.environ.get("NA2D_BENCH_THREADS", os.cpu_count() or 1))
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-HEADS, D, K = 16, 64, 7  # MVAR d16: 16 heads of 64; kernel 7 (MVAR.md §2)
+HEADS, D, K = 16, 64, 7  # MVAR d16: 16 heads of 64; kernel 7 (docs/mvar.md §2)
 WORKLOADS = [(B, n) for B in (2, 64) for n in (13, 16)]
 BACKENDS = ("dense", "numba", "flex", "cuda", "reference", "natten")
 PASSES = ("fwd", "fwd+bwd")

@@ -30,7 +30,7 @@ during teacher forcing on real tokens:
      (the cumulative distance mass). The full window is k = p (natten) or k = 2p − 1
      (centred); both then hold every key of the scale;
   3. the share of mass MVAR's pattern keeps: own scale only, inside the k = ``kernel_size``
-     NATTEN window on scales ≥ ``refine_step``, the whole own scale below (MVAR §1–2).
+     NATTEN window on scales ≥ ``refine_step``, the whole own scale below (docs/mvar.md §1–2).
 
 * :func:`analyse` runs teacher forcing on images (tokenised with the VQ-VAE) or tokens and
   returns an :class:`AttentionAnalysis`: the sums, normalised views, CSV rows and an npz.
@@ -145,7 +145,7 @@ def natten_window_mask(p_query: int, p_key: int, k: int) -> Tensor:
 
 
 def mvar_pattern_windowed(si: int, pn: int, kernel_size: int, refine_step: int) -> bool:
-    """Whether MVAR's pattern restricts scale ``si`` to a NATTEN window (MVAR §2)."""
+    """Whether MVAR's pattern restricts scale ``si`` to a NATTEN window (docs/mvar.md §2)."""
     return si >= refine_step and kernel_size <= pn
 
 

@@ -1,6 +1,6 @@
 """Transformer blocks shared by VAR (``baselines/var.py``) and MVAR (``mvar/model.py``).
 
-Both models are the same network (VAR.md §2: AdaLN pre-norm blocks, cosine attention, one
+Both models are the same network (docs/var.md §2: AdaLN pre-norm blocks, cosine attention, one
 class-conditioned head); they differ only in *which keys each query may see*. So a block never
 decides that: its attention calls an ``attend(q, k, v)`` function handed in by the model, which
 is where VAR's block-causal mask and KV cache, and MVAR's block-diagonal scales and 2-D
@@ -23,7 +23,7 @@ from mvar.attention import na2d
 from mvar.config import ModelConfig
 
 # attend(q_BHlc, k_BHLc, v_BHLc) -> o_BHlc.  q and k arrive l2-normalised, q already multiplied
-# by exp(scale_mul) (cosine attention, VAR.md §2.4).
+# by exp(scale_mul) (cosine attention, docs/var.md §2.4).
 AttendFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
@@ -86,7 +86,7 @@ class DenseAttention(nn.Module):
 
 
 class NeighbourhoodAttention(nn.Module):
-    """2-D neighbourhood attention on one scale's pn×pn token map (MVAR §2, NATTEN's window
+    """2-D neighbourhood attention on one scale's pn×pn token map (docs/mvar.md §2, NATTEN's window
     rule), through :func:`mvar.attention.na2d`. Tokens are row-major inside a scale."""
 
     def __init__(self, kernel_size: int, scale: float, backend: str | None = None) -> None:
@@ -111,14 +111,14 @@ class NeighbourhoodAttention(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Multi-head cosine self-attention of VAR (VAR.md §2.4); the pattern comes from ``attend``."""
+    """Multi-head cosine self-attention of VAR (docs/var.md §2.4); the pattern comes from ``attend``."""
 
     def __init__(self, C: int, num_heads: int, attn_l2_norm: bool) -> None:
         super().__init__()
         self.num_heads, self.head_dim = num_heads, C // num_heads
         self.attn_l2_norm = attn_l2_norm
         if attn_l2_norm:
-            # Learned per-head temperature, initialised to 4 and capped at 100 (VAR §2.4).
+            # Learned per-head temperature, initialised to 4 and capped at 100 (docs/var.md §2.4).
             self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), 4.0).log())
             self.max_scale_mul = math.log(100.0)
         self.mat_qkv = nn.Linear(C, 3 * C, bias=False)
@@ -152,7 +152,7 @@ class SelfAttention(nn.Module):
 
 
 class AdaLNSelfAttn(nn.Module):
-    """Pre-norm block with adaptive LayerNorm from the class condition (VAR.md §2.3)."""
+    """Pre-norm block with adaptive LayerNorm from the class condition (docs/var.md §2.3)."""
 
     def __init__(self, cfg: ModelConfig, drop_path: float) -> None:
         super().__init__()
@@ -162,7 +162,7 @@ class AdaLNSelfAttn(nn.Module):
         self.ffn = FFN(C, round(C * cfg.mlp_ratio))
         self.ln_wo_grad = nn.LayerNorm(C, eps=cfg.norm_eps, elementwise_affine=False)
         self.shared_aln = cfg.shared_aln
-        if cfg.shared_aln:  # only the 512 px d36 model shares one AdaLN (VAR §2)
+        if cfg.shared_aln:  # only the 512 px d36 model shares one AdaLN (docs/var.md §2)
             self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, C) / C**0.5)
         else:
             self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))

@@ -24,7 +24,7 @@ def build_model(
     """A VAR or MVAR transformer for ``cfg`` (or a preset name such as ``"mvar-d16"``).
 
     ``device="meta"`` builds without allocating (parameter counts, FLOP counting). ``init``
-    applies the official from-scratch initialisation (VAR.md §2); loaders skip it.
+    applies the official from-scratch initialisation (docs/var.md §2); loaders skip it.
     """
     from baselines.var import VAR
     from mvar.model import MVAR

@@ -1,6 +1,6 @@
 """Finding, reading and loading the official checkpoints (and our own).
 
-Formats accepted (VAR.md §2, MVAR.md §4):
+Formats accepted (docs/var.md §2, docs/mvar.md §4):
 
 * VAR's released ``var_d16.pth`` … ``var_d30.pth``: a plain state dict.
 * MVAR's released ``mvar-d16.pth``, ``mvar-finetune-d16/20/24.pth``: ``{'mvar_wo_ddp': sd}``.
@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 VAR_HUB = "https://huggingface.co/FoundationVision/var/resolve/main/"
 MVAR_HUB = "https://huggingface.co/CVLUESTC/MVAR/resolve/main/"
-#: The official VQ-VAE file (VAR.md §1).
+#: The official VQ-VAE file (docs/var.md §1).
 VAE_FILE = "vae_ch160v4096z32.pth"
 #: The file of each released transformer checkpoint, by its name (``mvar.config.CHECKPOINT_PRESETS``).
 CHECKPOINT_FILES: dict[str, str] = {
@@ -169,7 +169,7 @@ def load_transformer_state_dict(
     model: nn.Module, sd: Mapping[str, Tensor], source: str = "<state dict>"
 ) -> None:
     """Strict load with a complete report. The model rebuilds its attention mask afterwards
-    (any loaded ``attn_bias_for_masking`` values are ignored, MVAR.md §3)."""
+    (any loaded ``attn_bias_for_masking`` values are ignored, docs/mvar.md §3)."""
     problems = state_dict_mismatch(model, sd)
     if problems:
         name = getattr(getattr(model, "config", None), "name", type(model).__name__)

@@ -1,7 +1,7 @@
 """Frozen configs and named presets for the VQ-VAE, VAR and MVAR.
 
 Every constant here is the official code's (FoundationVision/VAR @ 78b9539, CVL-UESTC/MVAR @
-d0e035a); see ``shared/spec/VAR.md`` and ``MVAR.md``. Presets are looked up by exact name and
+d0e035a); see ``docs/var.md`` and ``docs/mvar.md``. Presets are looked up by exact name and
 an unknown name raises, listing the valid ones.
 """
 
@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
-PATCH_NUMS_256: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # VAR §0, 680 tokens
+PATCH_NUMS_256: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # docs/var.md §0, 680 tokens
 PATCH_NUMS_512: tuple[int, ...] = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)  # VAR-d36-s, 2240 tokens
 
 
@@ -24,7 +24,7 @@ class VQVAEConfig:
     ch: int = 160
     ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
     num_res_blocks: int = 2
-    share_quant_resi: int = 4  # K shared phi convs (VAR §1)
+    share_quant_resi: int = 4  # K shared phi convs (docs/var.md §1)
     quant_resi: float = 0.5  # phi(h) = (1 - q) h + q conv(h)
     patch_nums: tuple[int, ...] = PATCH_NUMS_256
 
@@ -56,7 +56,7 @@ class ModelConfig:
     shared_aln: bool = False
     norm_eps: float = 1e-6
     drop_path_rate: float = 0.0
-    # MVAR only (MVAR §2): 2-D neighbourhood attention on scales si >= refine_step. With
+    # MVAR only (docs/mvar.md §2): 2-D neighbourhood attention on scales si >= refine_step. With
     # ``spatial_markov=False`` the model is the ablation's "(b) + scale-Markov prediction".
     kernel_size: int = 7
     refine_step: int = 8
@@ -112,7 +112,7 @@ class ModelConfig:
         return self.embed_dim // self.num_heads
 
     def uses_neighbourhood(self, si: int) -> bool:
-        """Whether scale ``si`` uses 2-D neighbourhood attention (MVAR §2)."""
+        """Whether scale ``si`` uses 2-D neighbourhood attention (docs/mvar.md §2)."""
         return self.arch == "mvar" and self.spatial_markov and si >= self.refine_step
 
     def replace(self, **changes: object) -> ModelConfig:
@@ -126,11 +126,11 @@ class SamplingConfig:
     cfg: float = 1.5
     top_k: int = 900
     top_p: float = 0.96
-    more_smooth: bool = False  # pictures only, never for FID (VAR §3)
+    more_smooth: bool = False  # pictures only, never for FID (docs/var.md §3)
 
 
 def _transformer(name: str, arch: Arch, depth: int, vae: VQVAEConfig, **kw: object) -> ModelConfig:
-    # VAR §2: width 64*depth, heads = depth, drop-path 0.1*depth/24.
+    # docs/var.md §2: width 64*depth, heads = depth, drop-path 0.1*depth/24.
     return ModelConfig(
         name=name,
         arch=arch,
@@ -199,7 +199,7 @@ VAE_PRESETS: dict[str, VQVAEConfig] = {
     ),
 }
 
-# Sampling settings per released checkpoint (MVAR §5, VAR §3 "FID settings").
+# Sampling settings per released checkpoint (docs/mvar.md §5, docs/var.md §3.6).
 SAMPLING_PRESETS: dict[str, SamplingConfig] = {
     "var-d16": SamplingConfig(1.5, 900, 0.96),
     "var-d20": SamplingConfig(1.5, 900, 0.96),
@@ -214,7 +214,7 @@ SAMPLING_PRESETS: dict[str, SamplingConfig] = {
 
 def sampling_for(model: str, cfg: float | None, top_k: int | None, top_p: float | None,
                  more_smooth: bool = False) -> SamplingConfig:  # fmt: skip
-    """Official settings for a released checkpoint name, else VAR's FID defaults (VAR §3);
+    """Official settings for a released checkpoint name, else VAR's FID defaults (docs/var.md §3);
     explicit values override either."""
     base = SAMPLING_PRESETS.get(model, SamplingConfig())
     return SamplingConfig(

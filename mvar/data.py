@@ -1,7 +1,7 @@
 """Training data: ImageNet folders with the official recipes, and a synthetic class-conditional
 data set the project generates itself, so the embedded (CPU) runs need no download.
 
-Images are (3, H, W) float32 in [-1, 1], the VQ-VAE's input range (VAR.md §1).
+Images are (3, H, W) float32 in [-1, 1], the VQ-VAE's input range (docs/var.md §1).
 """
 
 from __future__ import annotations
@@ -119,9 +119,9 @@ def imagenet_folder(
 ) -> Dataset:
     """An ImageNet-layout folder (``root/<wnid>/*.JPEG``) with an official training recipe:
 
-    * ``var``: shorter side to 1.125·size (Lanczos), random crop, no flip (VAR.md §4);
+    * ``var``: shorter side to 1.125·size (Lanczos), random crop, no flip (docs/var.md §4);
     * ``mvar``: ADM centre crop (box-halve while the short side >= 2·size, bicubic to size,
-      centre crop) and 50% horizontal flips (MVAR.md §3). ``random_flip=False`` leaves the
+      centre crop) and 50% horizontal flips (docs/mvar.md §3). ``random_flip=False`` leaves the
       flip out: the token cache encodes both orientations and draws the flip per batch.
     """
     from PIL import Image

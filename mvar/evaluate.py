@@ -10,7 +10,7 @@ or an npz with ``arr_0`` uint8 (N, H, W, 3).
 
 - an ADM reference batch (``VIRTUAL_imagenet256_labeled.npz``): FID against its precomputed
   ``mu``/``sigma`` (ImageNet-train statistics, not its 10k images), precision/recall against
-  the features of its 10k images ``arr_0`` (EVALUATION.md);
+  the features of its 10k images ``arr_0`` (docs/evaluation.md §2);
 - or another image set (folder or npz with only ``arr_0``): FID between the two sets'
   statistics, precision/recall against its images.
 

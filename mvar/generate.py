@@ -1,6 +1,6 @@
 """Sample the FID set: N images per class into a PNG folder, then pack an ADM-style npz.
 
-Protocol (EVALUATION.md, MVAR.md §5), as code:
+Protocol (docs/evaluation.md §1, docs/mvar.md §5), as code:
 
 - Labels are class-ordered: ``labels = [c0]*per_class + [c1]*per_class + ...``. They are cut
   into one *global* list of batches, batch ``b`` = ``labels[b*bs:(b+1)*bs]``, sampled with

@@ -1,7 +1,7 @@
 """Inception-v3 features for FID / IS / precision-recall, on torch-fidelity's TF-compatible net.
 
 We use torch-fidelity's ``inception-v3-compat`` extractor (``FeatureExtractorInceptionV3``),
-which reproduces the TF ``classify_image_graph_def.pb`` the ADM evaluator runs (EVALUATION.md),
+which reproduces the TF ``classify_image_graph_def.pb`` the ADM evaluator runs (docs/evaluation.md §3.1),
 and never let it download anything: the weights file comes from, in this order,
 
 1. the ``weights_path`` argument (``--inception-weights`` on the command lines),
@@ -210,7 +210,7 @@ def build_extractor(
 def random_inception_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     """A state dict with exactly the Inception extractor's keys and shapes, random but
     variance-preserving, so that features of different images differ (PyTorch's default init
-    makes every feature collapse and every metric read zero — EVALUATION.md).
+    makes every feature collapse and every metric read zero — docs/evaluation.md §6).
 
     conv weights ~ N(0, 2 / fan_in) (He: every conv is followed by BN then ReLU, which halves
     the second moment); BN is the identity (mean 0, var 1, gamma 1, beta 0); the classifier

@@ -1,7 +1,7 @@
 """FID, Inception Score, k-NN precision/recall on plain numpy features (ADM protocol).
 
-The formulas follow the OpenAI guided-diffusion evaluator ("ADM suite", ``shared/spec/
-EVALUATION.md``) conceptually; the code is our own. Everything is float64:
+The formulas follow the OpenAI guided-diffusion evaluator ("ADM suite",
+docs/evaluation.md §3) conceptually; the code is our own. Everything is float64:
 
 - ``frechet_distance``: ||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^{1/2}) with scipy's
   ``sqrtm``. A product that is numerically singular (non-finite root) is retried with
@@ -159,7 +159,7 @@ def canonical_shuffle(rows: np.ndarray, seed: int = IS_SHUFFLE_SEED) -> np.ndarr
     order is permuted with ``np.random.RandomState(seed)``.
 
     Why both steps: IS is computed over splits, and a class-sorted sample file puts ~100
-    classes in each split of 5,000, which drops IS from ~300 to ~60 (EVALUATION.md). A plain
+    classes in each split of 5,000, which drops IS from ~300 to ~60 (docs/evaluation.md §3.3). A plain
     seeded permutation of file order fixes that but leaves the result dependent on file order;
     the canonical sort makes it a function of the set of samples alone.
     """

@@ -4,16 +4,16 @@
 Same parameters, embeddings, blocks, head and teacher-forcing inputs as VAR
 (``baselines/var.py``); only the attention pattern changes:
 
-1. **Scale-Markov** (MVAR.md §1): block-diagonal attention between scales. Scale s attends only
+1. **Scale-Markov** (docs/mvar.md §1): block-diagonal attention between scales. Scale s attends only
    to its own tokens; the previous scales reach it through its *input*, the area-downsampled
    cumulative f̂. Every scale is therefore an independent forward: no KV cache at inference,
    and peak memory is set by the largest scale rather than the 680-token history.
-2. **Spatial-Markov** (MVAR.md §2): on scales ``si >= refine_step`` (13×13 and 16×16 at 256 px)
+2. **Spatial-Markov** (docs/mvar.md §2): on scales ``si >= refine_step`` (13×13 and 16×16 at 256 px)
    the within-scale attention is 2-D neighbourhood attention with NATTEN's shifted window
    (kernel 7, softmax scale 1 on VAR's cosine q and k). With ``spatial_markov=False`` the model
    is the ablation's "(b) scale-Markov only".
 
-Training runs chunks of scales (MVAR.md §3; the schedule is ``mvar.schedule``):
+Training runs chunks of scales (docs/mvar.md §3; the schedule is ``mvar.schedule``):
 ``forward(..., scales=range(0, 8))`` packs scales 0..7 with the block-diagonal mask,
 ``scales=[8]`` and ``[9]`` run alone.
 """
@@ -43,7 +43,7 @@ class MVAR(ScaleARTransformer):
         )
 
     def build_attn_bias(self) -> Tensor:
-        # Block-diagonal: a query sees only the keys of its own scale (MVAR.md §1, 110,468
+        # Block-diagonal: a query sees only the keys of its own scale (docs/mvar.md §1, 110,468
         # finite entries at 256 px against VAR's 286,434).
         return self.scale_mask(torch.eq)
 

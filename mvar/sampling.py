@@ -1,4 +1,4 @@
-"""Next-scale sampling shared by VAR and MVAR (VAR.md §3, MVAR.md §5).
+"""Next-scale sampling shared by VAR and MVAR (docs/var.md §3, docs/mvar.md §5).
 
 The loop is the same for both models; what differs is how one scale's hidden states are
 computed (``ScaleStep``: VAR through its KV cache, MVAR as an independent forward) and what
@@ -117,7 +117,7 @@ def top_k_top_p_filter_(logits_BlV: Tensor, top_k: int = 0, top_p: float = 0.0) 
 
 
 def gumbel_softmax(logits: Tensor, tau: float, rng: torch.Generator | None) -> Tensor:
-    """Soft Gumbel-softmax with noise from ``rng`` (``more_smooth`` pictures, VAR §3)."""
+    """Soft Gumbel-softmax with noise from ``rng`` (``more_smooth`` pictures, docs/var.md §3)."""
     gumbels = -torch.empty_like(logits).exponential_(generator=rng).log()
     return ((logits + gumbels) / tau).softmax(-1)
 

@@ -1,9 +1,9 @@
 """Which scales each training iteration trains: the one definition of the chunk schedule, used
 by the trainer (``mvar.train``), the profiler (``repro.compute``) and the benchmarks.
 
-* **VAR** (VAR.md §4) trains the whole pyramid every iteration: one chunk, all scales.
+* **VAR** (docs/var.md §4) trains the whole pyramid every iteration: one chunk, all scales.
 * **MVAR** (official CVL-UESTC/MVAR ``trainer.py``, ``train_one_ep_ratio_k``; the paper's
-  "parallel training across scales", MVAR.md §3): with S scales, ``refine_step`` r and
+  "parallel training across scales", docs/mvar.md §3): with S scales, ``refine_step`` r and
   ``ratio_k`` k (official 8), iteration g has ``p = g mod (k + S − r)``; ``p < k`` trains the
   packed chunk of scales 0..r−1 (block-diagonal mask), else the single scale ``r + p − k``.
   At 256 px (S = 10, r = 8) that is, of every 10 iterations, 8 on scales 0–7, one on scale 8

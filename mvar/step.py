@@ -4,10 +4,10 @@ This is the one definition the trainer (``mvar.train``), the profiler (``repro.c
 time and memory of a training iteration) and the benchmarks (``bench/``) all run, so what is
 timed is what is trained.
 
-* AdamW (0.9, 0.95), weight decay on weight matrices and ``class_emb`` only (VAR.md §4).
+* AdamW (0.9, 0.95), weight decay on weight matrices and ``class_emb`` only (docs/var.md §4).
 * Loss: cross-entropy of the chunk's tokens with weight 1/L per token — the plain mean over
-  the pyramid for VAR; MVAR keeps 1/L on every chunk, not renormalised (MVAR.md §3).
-* Gradient-norm clip (VAR §4: 2.0), optional fp16 ``GradScaler`` / autocast.
+  the pyramid for VAR; MVAR keeps 1/L on every chunk, not renormalised (docs/mvar.md §3).
+* Gradient-norm clip (docs/var.md §4: 2.0), optional fp16 ``GradScaler`` / autocast.
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ADAMW_BETAS = (0.9, 0.95)  # VAR.md §4
-DEFAULT_WEIGHT_DECAY = 0.05  # VAR.md §4
-DEFAULT_GRAD_CLIP = 2.0  # VAR.md §4 (tclip)
+ADAMW_BETAS = (0.9, 0.95)  # docs/var.md §4
+DEFAULT_WEIGHT_DECAY = 0.05  # docs/var.md §4
+DEFAULT_GRAD_CLIP = 2.0  # docs/var.md §4 (tclip)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, object]]:
-    """Decay weight matrices and ``class_emb`` only (VAR §4): no decay for biases, q/v bias,
+    """Decay weight matrices and ``class_emb`` only (docs/var.md §4): no decay for biases, q/v bias,
     scale_mul, pos_start, pos_1LC or lvl_embed."""
     no_decay_names = ("pos_start", "pos_1LC", "lvl_embed.", "scale_mul_1H11")
     decay, no_decay = [], []

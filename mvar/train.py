@@ -1,4 +1,4 @@
-"""Training and fine-tuning VAR and MVAR (VAR.md §4, MVAR.md §3), one process or ``torchrun``.
+"""Training and fine-tuning VAR and MVAR (docs/var.md §4, docs/mvar.md §3), one process or ``torchrun``.
 
     python -m mvar.train --model mvar-tiny --steps 300 --out outputs/train/mvar-tiny
     torchrun --nproc_per_node=8 -m mvar.train --model mvar-d16 --data /imagenet/train \\
@@ -81,7 +81,7 @@ class TrainConfig:
     out_dir: str = "outputs/train/mvar-tiny"
     steps: int = 300
     batch_size: int = 16  # global, over all ranks
-    lr: float | None = None  # None: 1e-4 · batch / 256 (VAR §4)
+    lr: float | None = None  # None: 1e-4 · batch / 256 (docs/var.md §4)
     weight_decay: float = DEFAULT_WEIGHT_DECAY
     warmup_steps: int | None = None  # None: steps / 50 (VAR's ep/50 epochs)
     wpe: float = 0.1  # final lr as a fraction of the peak (d16/d20)

@@ -1,4 +1,4 @@
-"""Training VAR's multi-scale residual VQ-VAE (VAR.md §1), one process or ``torchrun``.
+"""Training VAR's multi-scale residual VQ-VAE (docs/var.md §1), one process or ``torchrun``.
 
     python -m mvar.train_vae --vae vae-tiny --out outputs/vae/vae-tiny
     mvar train-vae --vae vae-tiny --steps 400 --out outputs/vae/vae-tiny

@@ -1,6 +1,6 @@
 """The scale-wise autoregressive transformer VAR (``baselines/var.py``) and MVAR
 (``mvar/model.py``) both subclass: embeddings, the AdaLN blocks of ``mvar.blocks``, the head,
-the attention mask buffer, sampling and initialisation (VAR.md §2).
+the attention mask buffer, sampling and initialisation (docs/var.md §2).
 
 A subclass only says which keys each query sees: ``build_attn_bias`` (the mask buffer),
 ``forward(label_B, x_BLCv, scales=None)`` (teacher forcing, the same signature for both) and
@@ -32,7 +32,7 @@ def scale_ids(patch_nums: Sequence[int]) -> Tensor:
 class ScaleARTransformer(nn.Module):
     """What VAR and MVAR share. Subclasses set the attention pattern: they implement
     ``build_attn_bias`` (the ``attn_bias_for_masking`` buffer, rebuilt from the geometry on
-    every load — a checkpoint's copy is never trusted, MVAR.md §3), ``forward`` (teacher
+    every load — a checkpoint's copy is never trusted, docs/mvar.md §3), ``forward`` (teacher
     forcing) and ``sampling_step`` (one scale's forward while sampling).
     """
 
@@ -49,7 +49,7 @@ class ScaleARTransformer(nn.Module):
         self.patch_nums = tuple(cfg.patch_nums)
         self.first_l = self.patch_nums[0] ** 2
         self.begin_ends = cfg.begin_ends
-        self.cond_drop_rate = 0.1  # class dropout for CFG, training only (VAR §4)
+        self.cond_drop_rate = 0.1  # class dropout for CFG, training only (docs/var.md §4)
 
         # Registration order reproduces the official state-dict order.
         self.word_embed = nn.Linear(cfg.Cvae, C)
@@ -61,7 +61,7 @@ class ScaleARTransformer(nn.Module):
             self.shared_ada_lin: nn.Module = nn.Sequential(nn.SiLU(), SharedAdaLin(C, 6 * C))
         else:
             self.shared_ada_lin = nn.Identity()
-        # Stochastic depth grows linearly over the blocks (VAR §2); plain floats so that
+        # Stochastic depth grows linearly over the blocks (docs/var.md §2); plain floats so that
         # building on the meta device works.
         dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(AdaLNSelfAttn(cfg, dpr[i]) for i in range(cfg.depth))
@@ -94,7 +94,7 @@ class ScaleARTransformer(nn.Module):
     @staticmethod
     def _rebuild_mask(module: nn.Module, incompatible: Any) -> None:
         # The mask is a function of the geometry; a loaded copy can be wrong (the official
-        # MVAR fine-tunes inherited VAR's block-causal one, MVAR.md §3). The key stays in the
+        # MVAR fine-tunes inherited VAR's block-causal one, docs/mvar.md §3). The key stays in the
         # state dict (so VAR and MVAR files stay interchangeable) but its values are replaced
         # after every load; a shape mismatch still fails the load, since it means another
         # geometry.
@@ -121,7 +121,7 @@ class ScaleARTransformer(nn.Module):
     ) -> Tensor:
         """Token embeddings of scale ``si``: the start tokens (class embedding + pos_start) for
         si = 0, else word_embed of the scale's input ``x_BlCv`` (B, pn², Cvae), the area-down
-        of the cumulative f̂ (VAR.md §1); plus the level and position embedding."""
+        of the cumulative f̂ (docs/var.md §1); plus the level and position embedding."""
         lvl_pos = self.lvl_pos() if lvl_pos is None else lvl_pos
         bg, ed = self.begin_ends[si]
         if si == 0:
@@ -171,7 +171,7 @@ class ScaleARTransformer(nn.Module):
         decode: bool = True,
         record_logits: bool = False,
     ) -> SampleOutput:
-        """Sample B images of classes ``label_B`` (VAR.md §3, MVAR.md §5). At ``cfg == 1.0``
+        """Sample B images of classes ``label_B`` (docs/var.md §3, docs/mvar.md §5). At ``cfg == 1.0``
         the unconditional half still runs when ``CFG_ONE_RUNS_UNCONDITIONAL`` (VAR); otherwise
         only the conditional rows run, with no guidance (MVAR), as in the official samplers."""
         step, kv_cache_bytes = self.sampling_step()
@@ -184,7 +184,7 @@ class ScaleARTransformer(nn.Module):
         out.kv_cache_bytes = kv_cache_bytes()
         return out
 
-    # -- initialisation (training from scratch; VAR §2 "Initialisation") --------------------
+    # -- initialisation (training from scratch; docs/var.md §2.7) --------------------
     @torch.no_grad()
     def init_weights(
         self, init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5, init_head: float = 0.02

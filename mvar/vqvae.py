@@ -1,4 +1,4 @@
-"""VAR's tokenizer: a multi-scale residual VQ-VAE (``shared/spec/VAR.md`` §1).
+"""VAR's tokenizer: a multi-scale residual VQ-VAE (``docs/var.md`` §1).
 
 Reads top to bottom: the convolutional building blocks, the encoder and decoder, the φ
 table and the multi-scale residual quantizer, then :class:`VQVAE`, the one object the
@@ -45,12 +45,12 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------------------
-# Building blocks (VAR §1)
+# Building blocks (docs/var.md §1)
 # --------------------------------------------------------------------------------------
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
-    # VAR §1: GroupNorm with 32 groups, eps 1e-6, affine, everywhere.
+    # docs/var.md §1: GroupNorm with 32 groups, eps 1e-6, affine, everywhere.
     if channels % 32:
         raise ValueError(
             f"GroupNorm(32) needs a channel count divisible by 32, got {channels}; "
@@ -100,7 +100,7 @@ class AttnBlock(nn.Module):
         qkv = self.qkv(self.norm(x_BChw))
         B, _, H, W = qkv.shape
         C = self.channels
-        # Channels are ordered [q | k | v] (VAR §1).
+        # Channels are ordered [q | k | v] (docs/var.md §1).
         q, k, v = qkv.reshape(B, 3, C, H, W).unbind(1)
         q_BnC = q.reshape(B, C, H * W).permute(0, 2, 1).contiguous()
         k_BCn = k.reshape(B, C, H * W).contiguous()
@@ -112,7 +112,7 @@ class AttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Zero-pad right and bottom by one, then a 3×3 stride-2 conv without padding (VAR §1)."""
+    """Zero-pad right and bottom by one, then a 3×3 stride-2 conv without padding (docs/var.md §1)."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -123,7 +123,7 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour ×2, then a 3×3 conv (VAR §1)."""
+    """Nearest-neighbour ×2, then a 3×3 conv (docs/var.md §1)."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -252,11 +252,11 @@ class Decoder(nn.Module):
 
 
 def phi_indices(num_scales: int, num_convs: int, dtype: type = np.float64) -> tuple[int, ...]:
-    """Which of the ``num_convs`` shared φ convs each scale uses (VAR §1).
+    """Which of the ``num_convs`` shared φ convs each scale uses (docs/var.md §1).
 
     Scale si uses argmin_k |ticks_k - si/(S-1)|, first index on ties. The ticks are
     linspace(1/(2K), 1-1/(2K), K) except for K = 4, where the official code uses
-    linspace(1/(3K), 1-1/(3K), K) = linspace(1/12, 11/12, 4) (the spec's worked table
+    linspace(1/(3K), 1-1/(3K), K) = linspace(1/12, 11/12, 4) (the worked table of docs/var.md §1.2,
     [0,0,1,1,1,2,2,3,3,3] for S = 10 needs exactly that). For S = 10, K = 4 the distances
     tie exactly at si = 2 and si = 7, so the table is decided by the last bit of float64
     arithmetic; ``dtype`` exists only to show that float32 gives another table.
@@ -275,7 +275,7 @@ def phi_indices(num_scales: int, num_convs: int, dtype: type = np.float64) -> tu
 
 
 class Phi(nn.Conv2d):
-    """φ(h) = (1 - q)·h + q·conv3x3(h), q = |quant_resi| (VAR §1). Subclasses Conv2d so its
+    """φ(h) = (1 - q)·h + q·conv3x3(h), q = |quant_resi| (docs/var.md §1). Subclasses Conv2d so its
     parameters are ``qresi_ls.{k}.weight`` / ``.bias`` as in the official files."""
 
     def __init__(self, channels: int, quant_resi: float) -> None:
@@ -343,7 +343,7 @@ class MultiScaleQuantizer(nn.Module):
         return self.quant_resi.qresi_ls[self.phi_index[si]]
 
     def _up(self, h_BCvpp: Tensor) -> Tensor:
-        # Bicubic, align_corners False, no antialias (VAR §1).
+        # Bicubic, align_corners False, no antialias (docs/var.md §1).
         N = self.patch_nums[-1]
         return F.interpolate(h_BCvpp, size=(N, N), mode="bicubic", align_corners=False)
 
@@ -353,7 +353,7 @@ class MultiScaleQuantizer(nn.Module):
 
     def nearest(self, z_nCv: Tensor) -> Tensor:
         """Index of the nearest code for each row, squared L2 written as |z|² + |e|² - 2 z·e
-        in fp32 (VAR §1), argmin with the first index on ties. The sum is formed in the
+        in fp32 (docs/var.md §1), argmin with the first index on ties. The sum is formed in the
         official order (an addmm onto |z|²+|e|²) so near-ties break the same way."""
         z = z_nCv.float()
         E_VCv = self.embedding.weight.detach().float()
@@ -378,7 +378,7 @@ class MultiScaleQuantizer(nn.Module):
             )
 
     def _residual_scales(self, f_BCvNN: Tensor) -> Iterator[_ScaleStep]:
-        """The multi-scale residual quantization (VAR §1 "encode to tokens"), one scale at a
+        """The multi-scale residual quantization (docs/var.md §1.3), one scale at a
         time: the one definition behind both :meth:`f_to_idx` and the training :meth:`forward`.
 
         For each scale: z = area-down(rest, pn) (the rest itself at the last scale), the
@@ -405,7 +405,7 @@ class MultiScaleQuantizer(nn.Module):
 
     @torch.no_grad()
     def f_to_idx(self, f_BCvNN: Tensor) -> list[Tensor]:
-        """Tokens of each scale for the latent f (VAR §1 "encode to tokens")."""
+        """Tokens of each scale for the latent f (docs/var.md §1.3)."""
         return [step.idx_Bl for step in self._residual_scales(f_BCvNN)]
 
     def forward(self, f_BCvNN: Tensor, beta: float = 0.25) -> QuantizerOutput:
@@ -559,7 +559,7 @@ class VQVAEOutput(NamedTuple):
 
 
 class VQVAE(nn.Module):
-    """VAR's multi-scale residual VQ-VAE; images in [-1, 1] (VAR §1).
+    """VAR's multi-scale residual VQ-VAE; images in [-1, 1] (docs/var.md §1).
 
     Submodules (official names): ``encoder``, ``decoder``, ``quantize``, ``quant_conv``,
     ``post_quant_conv``. The transformers use it frozen (``img_to_idx`` ... ``fhat_to_img``);
@@ -628,7 +628,7 @@ class VQVAE(nn.Module):
         return self.quantize.embed(idx_Bl_one_scale, pn)
 
     def next_ar_input(self, si: int, fhat: Tensor, h_BCvpp: Tensor) -> tuple[Tensor, Tensor]:
-        """One sampling step (VAR §1 "next AR input at step si"): returns (new f̂, next input).
+        """One sampling step (docs/var.md §1.3): returns (new f̂, next input).
 
         ``h_BCvpp`` is scale si's (B, Cvae, pn, pn) map: the embedding of sampled tokens, or
         a soft mixture of codes. For si < S-1, f̂ += φ(up(h)) and the next input is

@@ -1,6 +1,6 @@
 """Where VAR's attention goes: per key scale and per spatial distance (``nox -s repro_attention``).
 
-The evidence behind MVAR's scale- and spatial-Markov conditioning (MVAR §1–2, its motivation
+The evidence behind MVAR's scale- and spatial-Markov conditioning (docs/mvar.md §1–2, its motivation
 figure), measured with :mod:`mvar.analysis` during teacher forcing on the VQ-VAE's tokens of
 held-out images::
 

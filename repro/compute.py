@@ -7,7 +7,7 @@ What is measured, and how (``method`` in every row, vocabulary in ``repro/report
   a real model while it samples under ``FakeTensorMode`` (paper size, nothing allocated), and
   the closed form (``analytic``).
 * **KV cache** (``counted``): bytes of the VAR sampler's actual K/V tensors at the end of
-  sampling; 0 for MVAR, which has none (MVAR.md §1).
+  sampling; 0 for MVAR, which has none (docs/mvar.md §1).
 * **Peak memory without a GPU** (``estimated``): the live-bytes tracker under
   ``FakeTensorMode``. **On a GPU** (``measured``): torch max-allocated / max-reserved and the
   NVML device peak.
@@ -50,7 +50,7 @@ from mvar.schedule import TrainSchedule, scales_label
 from mvar.step import DEFAULT_GRAD_CLIP, DEFAULT_WEIGHT_DECAY, make_optimizer, make_scaler, train_step
 
 #: The sampling settings the compute columns use: VAR's FID defaults (cfg 1.5, top-k 900,
-#: top-p 0.96; VAR.md §3), from ``mvar.config`` (memory and FLOPs do not depend on them).
+#: top-p 0.96; docs/var.md §3), from ``mvar.config`` (memory and FLOPs do not depend on them).
 FID_SAMPLING = SamplingConfig()
 
 
@@ -442,5 +442,5 @@ def time_sampling(
 
 def gflops_close(a: float, b: float, tol: float = 0.01) -> bool:
     """Paper GFLOPs cells are rounded (two differ from the exact count by one unit in the last
-    digit, PAPER.md), so compare within 0.01."""
+    digit, docs/counting.md §3), so compare within 0.01."""
     return math.isclose(a, b, abs_tol=tol + 1e-9)

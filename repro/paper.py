@@ -3,8 +3,8 @@
 One registry for every number the harness compares against: Table 1 (the two scale-wise rows
 that are reproduced, plus the quoted rows of other model families, marked ``quoted=True``),
 Table 2 (pre-trained VAR vs fine-tuned MVAR†), the progressive ablation and the poster — the
-numbers a report reads. Values are copied from ``shared/spec/PAPER.md`` (which copies the
-paper's table images and the poster).
+numbers a report reads. Values are transcribed from the paper's tables and poster; each
+source is listed in ``docs/paper_numbers.md``.
 
 Naming, shared by every report:
 
@@ -30,16 +30,17 @@ from mvar.config import CHECKPOINT_PRESETS
 
 # Where each block of numbers comes from (arXiv 2505.12742 v3 / ICLR 2026 camera-ready; the
 # ICLR 2026 poster).
-SRC_TABLE1 = "MVAR paper, Table 1 (ImageNet 256x256 class-conditional); PAPER.md"
+SRC_TABLE1 = "MVAR paper, Table 1 (ImageNet 256x256 class-conditional); docs/paper_numbers.md §2"
 SRC_TABLE2 = (
-    "MVAR paper, Table 2 (pre-trained VAR vs fine-tuned MVAR†, RTX 4090, batch 32); PAPER.md"
+    "MVAR paper, Table 2 (pre-trained VAR vs fine-tuned MVAR†, RTX 4090, batch 32); "
+    "docs/paper_numbers.md §3"
 )
-SRC_ABLATION = "MVAR paper, progressive ablation figure (d16, batch 32); PAPER.md"
-SRC_POSTER = "MVAR ICLR 2026 poster (d24, batch 64); PAPER.md"
+SRC_ABLATION = "MVAR paper, progressive ablation figure (d16, batch 32); docs/paper_numbers.md §4"
+SRC_POSTER = "MVAR ICLR 2026 poster (d24, batch 64); docs/paper_numbers.md §5"
 
 # metric -> (unit, meaning). Memory cells in the paper are printed as "10882M"; the KV-cache
-# cells equal the exact MiB count (2·layers·680·C·64·4 bytes / 2**20, PAPER.md "How the compute
-# columns are counted"), so every memory cell is read as MiB.
+# cells equal the exact MiB count (2·layers·680·C·64·4 bytes / 2**20, docs/counting.md §5),
+# so every memory cell is read as MiB.
 METRICS: dict[str, tuple[str, str]] = {
     "fid": ("", "FID-50k vs ImageNet-train statistics (lower is better)"),
     "is": ("", "Inception score, 10 splits"),
@@ -110,7 +111,7 @@ def _row_block(
 
 # --- Table 1 -------------------------------------------------------------------------------
 # (FID, IS, Pre, Rec, params in M, steps). None = "–" in the paper. Only the two scale-wise
-# rows are reproduced; all others are quoted (PAPER.md "Only the two scale-wise rows...").
+# rows are reproduced; all others are quoted (docs/paper_numbers.md §2).
 _T1_METRICS = ("fid", "is", "precision", "recall", "params", "steps")
 _T1: dict[str, tuple[float | str | None, ...]] = {
     "BigGAN": (6.95, 224.5, 0.89, 0.38, 112, 1),

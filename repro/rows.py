@@ -355,7 +355,7 @@ MEMORY_NOTES: tuple[str, ...] = (
         "own iteration (mvar.step: parameter groups, gradient clipping) with weights, grads, "
         "AdamW state (exp_avg, exp_avg_sq; steady state) and activations, fp32 with no autocast; "
         "VAR runs the full 680-token sequence, MVAR the chunks 0-7 / 8 / 9 of the official "
-        "schedule (8 : 1 : 1 iterations, MVAR.md §3), listed as `train_memory_chunk_*`. "
+        "schedule (8 : 1 : 1 iterations, docs/mvar.md §3), listed as `train_memory_chunk_*`. "
         "`train_step_time` is the mean per iteration weighted by that schedule. The paper trained "
         "with fp16 autocast, so its cells are not the same setting."
     ),
@@ -368,7 +368,7 @@ MEMORY_NOTES: tuple[str, ...] = (
         "GFLOPs are multiply-accumulates per image in the attention blocks (qkv projection + q·kᵀ + "
         "attention·v), conditional branch only: `counted` by hooks on the real model during CFG "
         "sampling (each call divided by its 2B rows), `analytic` from the config. The paper prints "
-        "81.52 and 37.84 where the exact counts are 81.512 and 37.845 (PAPER.md)."
+        "81.52 and 37.84 where the exact counts are 81.512 and 37.845 (docs/counting.md §3)."
     ),
 )
 

@@ -1,5 +1,5 @@
 """Table 1 (class-conditional ImageNet 256x256): FID / IS / precision / recall of VAR-d16 and
-MVAR-d16, generated and scored with the ADM protocol (EVALUATION.md, MVAR.md §5).
+MVAR-d16, generated and scored with the ADM protocol (docs/evaluation.md §1, docs/mvar.md §5).
 
 Paper scale (needs a GPU in practice; files from options, env vars or the checkpoint dirs)::
 
@@ -290,7 +290,7 @@ def write_markdown_report(csv_path: Path, md_path: Path, cfg: RunConfig,
             f"FID square root: {cfg.fid_method}; IS splits: {cfg.is_splits}."
         ),
         f"- sFID: {inception.SFID_STATUS}.",
-        "- Expected run-to-run spread (EVALUATION.md): about ±0.2 FID, ±7 IS, ±0.01 P/R.",
+        "- Expected run-to-run spread (docs/evaluation.md §5): about ±0.2 FID, ±7 IS, ±0.01 P/R.",
         (
             "- Inputs of the paper-scale rows and where to get them: "
             + "; ".join(f"`{f}`: {u}" for f, u in DOWNLOADS.items())

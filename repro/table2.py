@@ -64,7 +64,7 @@ log = logging.getLogger(__name__)
 
 DEPTHS: tuple[int, ...] = (16, 20, 24)
 # (name in the paper's table, architecture preset). MVAR† is the fine-tuned MVAR; its
-# architecture is the mvar-d* preset (MVAR.md §3: same parameters, another mask).
+# architecture is the mvar-d* preset (docs/mvar.md §3: same parameters, another mask).
 TABLE2_MODELS: tuple[tuple[str, str], ...] = tuple(
     pair
     for d in DEPTHS

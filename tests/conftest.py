@@ -1,7 +1,7 @@
 """Shared pytest fixtures.
 
 ``parity_fixtures``: every parity file (``format == 'mvar-parity-fixture/1'``, schema in
-``shared/fixtures/README.md``) in the directory named by ``$MVAR_PARITY_FIXTURES``
+``docs/parity.md`` §2) in the directory named by ``$MVAR_PARITY_FIXTURES``
 (default ``<repo>/../shared/fixtures``), loaded once per session. A missing fixture is a
 failure, not a skip: parity is the project's main correctness claim. ``parity_models``: each
 fixture with its VQ-VAE and VAR / MVAR transformers built and loaded, once per session.
@@ -54,7 +54,7 @@ def parity_fixtures() -> list[dict[str, Any]]:
 
 def fixture_configs(c: dict[str, Any]) -> tuple[VQVAEConfig, dict[str, ModelConfig]]:
     """The VQ-VAE config and the VAR / MVAR transformer configs recorded in a parity
-    fixture's ``config`` (schema in ``shared/fixtures/README.md``)."""
+    fixture's ``config`` (schema in ``docs/parity.md`` §2)."""
     vae = VQVAEConfig(
         vocab_size=c["vocab_size"],
         Cvae=c["Cvae"],

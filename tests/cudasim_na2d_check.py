@@ -19,7 +19,7 @@ import sys
 import time
 
 # The simulator runs each thread block as Python threads; a short switch interval makes the
-# many syncthreads barriers cheap (2-4x faster, spec § numba's CUDA target).
+# many syncthreads barriers cheap (2-4x faster, docs/neighbourhood_attention.md §6).
 sys.setswitchinterval(1e-4)
 
 import numpy as np

@@ -3,7 +3,7 @@ the reference against a brute-force softmax, gradients, error messages, and the 
 under numba's simulator (subprocess).
 
 The oracle is ``mvar.attention.reference`` run in fp64 on the same (already rounded) inputs;
-tolerances come from ``mvar.attention.TOLERANCES`` (spec: NEIGHBORHOOD_ATTENTION.md).
+tolerances come from ``mvar.attention.TOLERANCES`` (docs/neighbourhood_attention.md §4).
 """
 
 from __future__ import annotations
@@ -262,7 +262,7 @@ def test_window_is_shifted_not_truncated(name: str) -> None:
 @pytest.mark.parametrize("name", ("reference", *FAST_BACKENDS))
 def test_symmetries(name: str) -> None:
     """Flipping an axis (odd k) flips the output; constant v gives constant output; permuting
-    the batch permutes the output (spec properties 4 and 6)."""
+    the batch permutes the output (docs/neighbourhood_attention.md §2, properties 4 and 6)."""
     _skip_unless_runnable(name)
     q, k, v = _qkv((3, 2, 9, 8, 5), torch.float64, seed=5)
     out = _run(name, q, k, v, (5, 3), 0.9)

@@ -160,7 +160,7 @@ def test_inception_score_order_invariant_when_shuffling(n: int, c: int, seed: in
 
 def test_class_sorted_file_trap() -> None:
     # A class-sorted file: each split of file order holds one class only, so IS in file order
-    # collapses to ~1 while the shuffled IS sees all classes (EVALUATION.md's 300 -> 60 trap).
+    # collapses to ~1 while the shuffled IS sees all classes (the 300 -> 60 trap, docs/evaluation.md §3.3).
     c, per = 10, 40
     logits = np.full((c * per, c), -20.0)
     logits[np.arange(c * per), np.repeat(np.arange(c), per)] = 20.0

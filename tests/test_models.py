@@ -135,7 +135,7 @@ def test_paper_parameter_counts(depth: int) -> None:
         sds.append({k: tuple(v.shape) for k, v in model.state_dict().items()})
     if len(sds) == 2:
         assert list(sds[0].items()) == list(sds[1].items()), "VAR and MVAR state dicts differ"
-    assert len(sds[0]) == 4 + 4 + 13 * depth + 4  # 220 keys for d16 (MVAR.md §4)
+    assert len(sds[0]) == 4 + 4 + 13 * depth + 4  # 220 keys for d16 (docs/mvar.md §4)
 
 
 def test_unknown_preset_lists_valid_names() -> None:
@@ -153,7 +153,7 @@ def test_kernel_larger_than_grid_is_rejected() -> None:
 
 def test_masks_are_rebuilt_not_loaded() -> None:
     var, mvar = _tiny("var-tiny"), _tiny("mvar-tiny")
-    assert torch.isfinite(var.attn_bias_for_masking).sum() == 286_434  # PAPER.md
+    assert torch.isfinite(var.attn_bias_for_masking).sum() == 286_434  # docs/counting.md §2
     assert torch.isfinite(mvar.attn_bias_for_masking).sum() == 110_468
     mvar.load_state_dict(var.state_dict())  # fine-tune start: VAR weights into MVAR
     assert torch.isfinite(mvar.attn_bias_for_masking).sum() == 110_468

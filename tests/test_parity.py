@@ -1,10 +1,10 @@
-"""Parity with the official VAR and MVAR code (``shared/fixtures``, format
+"""Parity with the official VAR and MVAR code (``docs/parity.md``, format
 ``mvar-parity-fixture/1``): every fixture in ``$MVAR_PARITY_FIXTURES`` is rebuilt from its own
 config and state dicts, whatever its depth, width, vocabulary, kernel, refine step, batch,
 sampling settings or geometry.
 
 Tolerances (issue #2): tokens equal; VQ-VAE tensors and logits within 1e-4; images within 1e-3.
-The official code itself differs between 1 and 2 threads by up to ~8e-6 (fixtures README).
+The official code itself differs between 1 and 2 threads by up to ~8e-6 (docs/parity.md §4).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from mvar.config import get_preset
 from mvar.schedule import TrainSchedule
 from repro import compute
 
-# PAPER.md Table 2 / ablation: attention GFLOPs per image (conditional branch).
+# docs/paper_numbers.md §3-4 (Table 2 / ablation): attention GFLOPs per image (conditional branch).
 PAPER_GFLOPS = {
     "var-d16": 43.61,
     "var-d20": 81.52,
@@ -30,7 +30,7 @@ PAPER_GFLOPS = {
     "mvar-d24": 118.25,
     "mvar-d16-scale-markov": 37.84,
 }
-# PAPER.md Table 2: KV cache at batch 32 with CFG, fp32, MiB.
+# docs/counting.md §5 (Table 2): KV cache at batch 32 with CFG, fp32, MiB.
 PAPER_KV_MIB = {"var-d16": 5440, "var-d20": 8500, "var-d24": 12240}
 
 
@@ -38,7 +38,7 @@ PAPER_KV_MIB = {"var-d16": 5440, "var-d20": 8500, "var-d24": 12240}
 
 
 def test_pair_counts_match_the_papers_worked_numbers() -> None:
-    # PAPER.md: VAR 286,434 pairs per layer; scale-Markov 110,468; MVAR 16,371 + 425*49.
+    # docs/counting.md §2: VAR 286,434 pairs per layer; scale-Markov 110,468; MVAR 16,371 + 425*49.
     assert sum(prof.attention_pairs_per_scale("var-d16")) == 286_434
     assert sum(prof.attention_pairs_per_scale("mvar-d16-scale-markov")) == 110_468
     mvar = prof.attention_pairs_per_scale("mvar-d16")
@@ -47,7 +47,7 @@ def test_pair_counts_match_the_papers_worked_numbers() -> None:
 
 
 def test_analytic_d16_split_matches_paper_worked_example() -> None:
-    # PAPER.md: d16 qkv = 3*1024^2*680*16 = 34.23 G; VAR pairs part 286,434*2*1024*16 = 9.39 G.
+    # docs/counting.md §3: d16 qkv = 3*1024^2*680*16 = 34.23 G; VAR pairs part 286,434*2*1024*16 = 9.39 G.
     a = prof.analytic_attention_macs("var-d16")
     assert a.qkv == 3 * 1024**2 * 680 * 16
     assert a.qk == a.av == 286_434 * 1024 * 16

@@ -37,7 +37,7 @@ def test_registry_shapes_and_sources() -> None:
     assert len(paper.rows("ablation")) == 3 * 6
     assert all(pv.source for pv in paper.ALL)
     reproduced = {pv.model for pv in paper.rows("table1") if not pv.quoted}
-    assert reproduced == {"var-d16", "mvar-d16"}  # only the scale-wise rows (PAPER.md)
+    assert reproduced == {"var-d16", "mvar-d16"}  # scale-wise rows (docs/paper_numbers.md §2)
     assert all(pv.quoted for pv in paper.rows("table1") if pv.model not in reproduced)
     for pv in paper.ALL:
         if not pv.quoted:

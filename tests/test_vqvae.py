@@ -1,4 +1,4 @@
-"""The multi-scale residual VQ-VAE (``mvar/vqvae.py``, spec VAR.md §1)."""
+"""The multi-scale residual VQ-VAE (``mvar/vqvae.py``, docs/var.md §1)."""
 
 from __future__ import annotations
 

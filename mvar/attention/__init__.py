@@ -5,7 +5,7 @@
 and dtype. Along an axis of length n with kernel k <= n, query i sees keys start(i) ..
 start(i)+k-1 with start(i) = clamp(i - k//2, 0, n - k): every query sees exactly kh*kw keys,
 including itself, and windows shift inwards at the border rather than being truncated
-(``shared/spec/NEIGHBORHOOD_ATTENTION.md``). MVAR calls ``na2d(q, k, v, 7, scale=1.0)`` on its
+(``docs/neighbourhood_attention.md`` §1). MVAR calls ``na2d(q, k, v, 7, scale=1.0)`` on its
 13x13 and 16x16 scales.
 
 Backends (``BACKENDS``), each with a "can it run here, and if not, why" check

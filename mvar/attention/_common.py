@@ -2,7 +2,7 @@
 per-dtype tolerance table and the backend registry.
 
 Everything that defines *what* ``na2d`` computes lives here once, so the backends only decide
-*how*. The semantics are NATTEN's (``shared/spec/NEIGHBORHOOD_ATTENTION.md`` § Semantics):
+*how*. The semantics are NATTEN's (``docs/neighbourhood_attention.md`` §1):
 along an axis of length n with kernel k <= n, query i sees keys start(i) .. start(i)+k-1 with
 start(i) = clamp(i - k//2, 0, n - k).
 """
@@ -45,7 +45,7 @@ def _check_axis(n: int, k: int) -> None:
     if k < 1:
         raise ValueError(f"kernel size must be >= 1, got {k}")
     if k > n:
-        # NATTEN raises too (spec § Semantics): a window wider than the grid has no clamp.
+        # NATTEN raises too (docs/neighbourhood_attention.md §1): a window wider than the grid has no clamp.
         raise ValueError(f"kernel size {k} exceeds the grid side {n}; expected 1 <= k <= {n}")
 
 
@@ -53,7 +53,7 @@ def _check_axis(n: int, k: int) -> None:
 def window_starts(n: int, k: int) -> tuple[int, ...]:
     """First key index of each query's window along one axis of length ``n``.
 
-    start(i) = clamp(i - k//2, 0, n - k) (spec § Semantics), so every window has exactly k keys
+    start(i) = clamp(i - k//2, 0, n - k) (docs/neighbourhood_attention.md §1), so every window has exactly k keys
     and contains its query; near a border the window shifts inwards instead of being cut.
     e.g. ``window_starts(13, 7) == (0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 6, 6, 6)``.
     """
@@ -376,7 +376,7 @@ BACKENDS: dict[str, BackendInfo] = {
     )
 }
 
-# What ``backend=None`` tries, fastest first, per device type (spec: CPU numba else dense;
+# What ``backend=None`` tries, fastest first, per device type (docs/neighbourhood_attention.md §3: CPU numba else dense;
 # CUDA cuda else flex else dense). The first whose check passes wins; the choice is logged.
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cpu": ("numba", "dense"),

@@ -2,7 +2,7 @@
 
 What a user writes with stock PyTorch: correct, differentiable on every device, but it does
 the FLOPs of full attention (N^2 per head instead of N*kh*kw; 5.2x more at 16x16 with k = 7,
-spec § Measured). The [N, N] mask is built once per (H, W, kh, kw, device) and cached.
+docs/neighbourhood_attention.md §5). The [N, N] mask is built once per (H, W, kh, kw, device) and cached.
 
 Non-finite keys or values stay local, as in the reference and the fused kernels: SDPA multiplies
 every query with every key before masking (NaN + -inf = NaN) and every probability with every

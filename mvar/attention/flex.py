@@ -55,8 +55,8 @@ def _neighborhood_mask_mod(H: int, W: int, kh: int, kw: int) -> Callable[..., to
     def mask_mod(b: Any, h: Any, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
         q_r, q_c = q_idx // W, q_idx % W
         k_r, k_c = kv_idx // W, kv_idx % W
-        # start = clamp(i - k//2, 0, n - k): the window shifts inwards at the border (spec
-        # § Semantics), it is never truncated.
+        # start = clamp(i - k//2, 0, n - k): the window shifts inwards at the border
+        # (docs/neighbourhood_attention.md §1), it is never truncated.
         r0 = torch.clamp(q_r - kh // 2, 0, H - kh)
         c0 = torch.clamp(q_c - kw // 2, 0, W - kw)
         return (k_r >= r0) & (k_r < r0 + kh) & (k_c >= c0) & (k_c < c0 + kw)

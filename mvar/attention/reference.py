@@ -25,7 +25,7 @@ def window_key_index(H: int, W: int, kh: int, kw: int, device: torch.device) -> 
     """[H*W, kh*kw] flat key indices of each query's window, row-major in the window.
 
     Query (i, j) sees rows start_h(i) .. start_h(i)+kh-1 and columns start_w(j) ..
-    start_w(j)+kw-1 (spec § Semantics, the clamp rule in ``window_starts``).
+    start_w(j)+kw-1 (docs/neighbourhood_attention.md §1, the clamp rule in ``window_starts``).
     """
     rows = torch.tensor(window_starts(H, kh), device=device)[:, None] + torch.arange(
         kh, device=device

@@ -2,7 +2,7 @@
 that hooks the attention cores of a real model (``mvar.blocks.DenseAttention`` /
 ``NeighbourhoodAttention``).
 
-Convention (PAPER.md "How the compute columns are counted"): multiply-accumulates of the qkv
+Convention (docs/counting.md §1): multiply-accumulates of the qkv
 projection (3·C² per query token), q·kᵀ and attention·v (C per query-key pair each), per image,
 conditional branch only; output projection and MLP excluded.
 """
@@ -46,16 +46,16 @@ class AttentionMacs:
 
     @property
     def gflops(self) -> float:
-        """The paper's "GFLOPs" column: MACs / 1e9 (PAPER.md)."""
+        """The paper's "GFLOPs" column: MACs / 1e9 (docs/counting.md §1)."""
         return self.total / 1e9
 
 
 def attention_pairs_per_scale(cfg: ModelConfig | str) -> list[int]:
     """Query-key pairs of one layer, per image, for each scale's queries.
 
-    VAR: a query of scale s sees every key of scales <= s (block-causal, VAR.md §2.4).
-    MVAR: only its own scale (block-diagonal, MVAR.md §1), and on neighbourhood scales exactly
-    k×k keys (NATTEN's shifted window never truncates, MVAR.md §2).
+    VAR: a query of scale s sees every key of scales <= s (block-causal, docs/var.md §2.4).
+    MVAR: only its own scale (block-diagonal, docs/mvar.md §1), and on neighbourhood scales exactly
+    k×k keys (NATTEN's shifted window never truncates, docs/mvar.md §2).
     """
     cfg = _config(cfg)
     out, seen = [], 0
@@ -73,7 +73,7 @@ def attention_pairs_per_scale(cfg: ModelConfig | str) -> list[int]:
 
 
 def analytic_attention_macs(cfg: ModelConfig | str) -> AttentionMacs:
-    """Closed form of the paper's attention GFLOPs (PAPER.md): per layer 3·C²·L for the qkv
+    """Closed form of the paper's attention GFLOPs (docs/counting.md §1): per layer 3·C²·L for the qkv
     projection plus C per pair for q·kᵀ and again for attention·v; times depth."""
     cfg = _config(cfg)
     C, L, d = cfg.embed_dim, cfg.seq_len, cfg.depth
@@ -85,7 +85,7 @@ def analytic_kv_cache_bytes(
     cfg: ModelConfig | str, batch: int, *, guided: bool = True, element_size: int = 4
 ) -> int:
     """K and V of all L tokens in every layer for the 2B CFG rows (B without guidance):
-    2·depth·rows·L·C·element_size (PAPER.md; VAR.md §3). MVAR keeps no cache: 0."""
+    2·depth·rows·L·C·element_size (docs/counting.md §5; docs/var.md §3.5). MVAR keeps no cache: 0."""
     cfg = _config(cfg)
     if cfg.arch != "var":
         return 0

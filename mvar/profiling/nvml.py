@@ -31,7 +31,7 @@ class NvmlReading:
 
 class NvmlPeakPoller:
     """Poll ``nvmlDeviceGetMemoryInfo(handle).used`` from a thread (NVML has no peak counter,
-    EVALUATION.md). Without a driver or the library the poller does nothing and its
+    docs/counting.md §6). Without a driver or the library the poller does nothing and its
     :attr:`reading` says why; it never raises for that.
 
     ``device_index`` is NVML's index; where torch can name the device's PCI bus the poller
