@@ -120,8 +120,14 @@ def looks_like_vqvae(sd: Mapping[str, Any]) -> bool:
 def warn_non_finite(sd: Mapping[str, Tensor], source: str) -> list[str]:
     """Log a warning naming the tensors of ``sd`` holding NaN or inf; returns their names.
     (A warning, not an error: a diverged run's last checkpoint is still worth inspecting.)"""
-    bad = [k for k, v in sd.items()
-           if isinstance(v, Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]  # fmt: skip
+    def broken(k: str, v: Tensor) -> bool:
+        # The attention mask is an additive 0 / -inf buffer (rebuilt on load anyway): only a
+        # NaN is wrong there; anywhere else any non-finite value is.
+        if k.endswith("attn_bias_for_masking"):
+            return bool(torch.isnan(v).any())
+        return not bool(torch.isfinite(v).all())
+
+    bad = [k for k, v in sd.items() if isinstance(v, Tensor) and v.is_floating_point() and broken(k, v)]
     if bad:
         logger.warning(
             "%s: %d tensor(s) hold NaN or inf values (%s%s); results from these weights will be "
