@@ -101,10 +101,10 @@ class StudyConfig:
     # Evaluator.
     evaluator: ev.EvaluatorConfig = field(default_factory=ev.EvaluatorConfig)
     # Transformers: one recipe for all four models.
-    steps: int = 300
-    finetune_steps: int = 150
-    batch_size: int = 32
-    lr: float = 2e-3
+    steps: int = 250
+    finetune_steps: int = 100
+    batch_size: int = 16
+    lr: float = 3e-3  # toy widths need far more than the paper's 1e-4 * batch / 256
     warmup_steps: int = 10
     # Sampling: one setting for every model.
     guidance: float = 1.5
