@@ -30,13 +30,14 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def repro_table1(session: nox.Session) -> None:
-    """Table 1 (FID / IS / precision / recall). Default: the embedded CPU run (tiny VAR and
-    MVAR briefly trained on generated shapes, then sampled and scored, a few minutes) next to
-    the paper-scale rows, which are measured when the checkpoints, Inception weights and ADM
-    reference batch are found (``-- --help`` for the options)."""
+    """Table 1. Default: the embedded study (repro.embedded: trained tokenizer and evaluator,
+    VAR-tiny vs MVAR-tiny vs MVAR†-tiny vs the scale-Markov ablation on generated shapes, CPU,
+    <= 10 minutes on 2 cores; reports/embedded/) next to the paper-scale rows, which are measured
+    when the checkpoints, Inception weights and ADM reference batch are found and otherwise say
+    which file is missing (``-- --help`` for the options; ``-- --embedded --study long`` for
+    the longer study)."""
     _install(session)
-    session.run("python", "-m", "repro.table1",
-                *(session.posargs or ["--embedded", "--train-steps", "200"]))  # fmt: skip
+    session.run("python", "-m", "repro.table1", *(session.posargs or ["--embedded"]))
 
 
 def _repro(session: nox.Session, module: str) -> None:
@@ -65,10 +66,13 @@ def repro_figures(session: nox.Session) -> None:
 @nox.session
 def repro_attention(session: nox.Session) -> None:
     """Where the attention goes (per key scale, per spatial distance): CSV, figures and markdown
-    in reports/attention/. Default: random-init var-tiny on held-out generated shapes; pass
+    in reports/attention/. Default: the embedded study's trained VAR-tiny on its held-out images
+    (trained first if the cache has none); pass
     ``-- --model var-d16 --ckpt var_d16.pth --vae-ckpt vae_ch160v4096z32.pth --images <dir>
     --device cuda`` for paper scale (``-- --help``)."""
-    _repro(session, "attention_analysis")
+    _install(session)
+    session.run("python", "-m", "repro.attention_analysis", "--out", "reports",
+                *(session.posargs or ["--embedded", "--model", "var-tiny"]))  # fmt: skip
 
 
 @nox.session

@@ -31,6 +31,7 @@ import csv
 import json
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -519,6 +520,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m repro.attention_analysis", description=__doc__.split("\n")[0]
     )
     p.add_argument("--model", default="var-tiny", help="model preset or released name")
+    p.add_argument("--embedded", metavar="STUDY", nargs="?", const="default",
+                   help="analyse the embedded study's trained model (--model var-tiny, mvar-tiny, "
+                   "...) and tokenizer on its held-out images; trains them first if the cache "
+                   "has none (repro.embedded; STUDY default: default)")  # fmt: skip
+    p.add_argument("--cache-dir", default=os.environ.get("MVAR_CACHE_DIR", "outputs/cache"),
+                   help="with --embedded: the study's artifact cache (default %(default)s)")
     p.add_argument("--ckpt", help="transformer checkpoint (default: random init, labelled)")
     p.add_argument("--vae-ckpt", help="VQ-VAE checkpoint (default: random init, labelled)")
     p.add_argument("--images", help="folder of PNG/JPEG, .npy or .npz of uint8 (N, H, W, 3)")
@@ -550,7 +557,31 @@ def run(args: argparse.Namespace) -> list[Path]:
         raise InputError("--num-images and --batch-size must be >= 1")
     size = cfg.vae.image_size
     # Inputs checked before any model is built.
-    if args.images:
+    if args.embedded:
+        if args.ckpt or args.vae_ckpt or args.images:
+            raise InputError("--embedded takes the checkpoints and images from the embedded "
+                             "study; do not pass --ckpt, --vae-ckpt or --images with it")  # fmt: skip
+        from mvar.cache import ArtifactCache
+        from repro import embedded
+
+        if args.model not in embedded.MODELS:
+            raise InputError(f"--embedded analyses one of {', '.join(embedded.MODELS)}, "
+                             f"got --model {args.model!r}")  # fmt: skip
+        study = embedded.get_study(args.embedded)
+        st = embedded.Stages(ArtifactCache(args.cache_dir, embedded.study_code_fingerprint()),
+                             study, torch.device(args.device))  # fmt: skip
+        arts, _ = embedded.trained_models(st, [args.model])
+        args.ckpt = str(arts[args.model].path / arts[args.model].info["file"])
+        args.vae_ckpt = str(arts["vae"].path / arts["vae"].info["file"])
+        args.name = args.name or args.model
+        args.model = embedded.MODELS[args.model]
+        cfg = get_preset(args.model)
+        holdout = study.split("holdout")
+        items = [holdout[i] for i in range(min(args.num_images, len(holdout)))]
+        images = torch.stack([x for x, _ in items])
+        labels = torch.tensor([y for _, y in items])
+        source = f"held-out images of the embedded study `{study.name}`"
+    elif args.images:
         arr, labels_np = load_images(args.images, size)
         arr = arr[: args.num_images]
         images = to_model_range(arr)

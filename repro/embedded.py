@@ -506,22 +506,30 @@ class StudyResult:
     features: dict[str, ev.EvalFeatures]
     wall_seconds: float
     device: torch.device
+    backends: dict[str, str]  # the NA backend each sample set was generated with ("none": no NA)
+
+
+def trained_models(
+    st: Stages, names: Sequence[str] = tuple(MODELS)
+) -> tuple[dict[str, Artifact], TokenCache]:
+    """The tokenizer and the listed transformers of the study (reused from the cache, or
+    trained), and the token cache they trained on. MVAR-dagger needs VAR-tiny, trained first."""
+    arts = {"vae": st.vae()}
+    tokens = st.tokens(arts["vae"])
+    for name in MODELS:
+        if name in names or (name == "var-tiny" and "mvar-tiny-finetune" in names):
+            init = arts["var-tiny"] if name == "mvar-tiny-finetune" else None
+            arts[name] = st.transformer(name, arts["vae"], tokens, init=init)
+    return arts, tokens
 
 
 def run_study(study: StudyConfig, cache_dir: Path, device: torch.device) -> StudyResult:
     t_start = time.perf_counter()
     st = Stages(ArtifactCache(cache_dir, study_code_fingerprint()), study, device)
-    arts: dict[str, Artifact] = {}
-    arts["vae"] = st.vae()
+    arts, tokens = trained_models(st)
     arts["evaluator"] = st.evaluator()
     vae = st.load_vae(arts["vae"])
     clf = ev.load_evaluator(arts["evaluator"].path / arts["evaluator"].info["file"])
-    tokens = st.tokens(arts["vae"])
-    arts["var-tiny"] = st.transformer("var-tiny", arts["vae"], tokens)
-    arts["mvar-tiny"] = st.transformer("mvar-tiny", arts["vae"], tokens)
-    arts["mvar-tiny-finetune"] = st.transformer("mvar-tiny-finetune", arts["vae"], tokens,
-                                                init=arts["var-tiny"])  # fmt: skip
-    arts["mvar-tiny-scale-markov"] = st.transformer("mvar-tiny-scale-markov", arts["vae"], tokens)
 
     # Real image sets.
     ref_x, _ = ev.dataset_uint8(study.split("reference"))
@@ -559,9 +567,10 @@ def run_study(study: StudyConfig, cache_dir: Path, device: torch.device) -> Stud
         compute[name] = measure_compute(name, model, vae, tokens, study, device)
         train_seconds[name] = train_step_seconds(history_rows(arts[name].path), model.config)
         compute[name]["train_step_time"] = train_seconds[name]
+    backends = {name: str(arts[f"samples-{name}"].info["na_backend"]) for name in MODELS}
     return StudyResult(study, scores, float(arts["evaluator"].info["heldout_accuracy"]), compute,
                        train_seconds, arts, vae_report, feats, time.perf_counter() - t_start,
-                       device)  # fmt: skip
+                       device, backends)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -52,7 +52,8 @@ def table1_rows(r: StudyResult) -> list[ResultRow]:
         for metric in TABLE1_METRICS:
             unit = "fraction" if metric in ("precision", "recall", "class_accuracy") else ""
             rows.append(make_row(env, TABLE1, name, metric, values[metric], method="measured",
-                                 unit=unit, batch=sc.images, paper_value=None))  # fmt: skip
+                                 unit=unit, batch=sc.images, paper_value=None,
+                                 backend=r.backends.get(name, "")))  # fmt: skip
     rows.append(make_row(env, TABLE1, "evaluator", "heldout_accuracy", r.evaluator_accuracy,
                          method="measured", unit="fraction",
                          batch=int(r.artifacts["evaluator"].info["heldout_images"])))  # fmt: skip
@@ -69,7 +70,8 @@ def table2_rows(r: StudyResult) -> list[ResultRow]:
             batch = r.study.batch_size if metric.startswith("train") else (
                 1 if metric == "attention_gflops" else r.study.latency_batch)  # fmt: skip
             rows.append(make_row(env, TABLE2, name, metric, float(c[metric]), method=method,
-                                 unit=unit, batch=batch, paper_value=None))  # fmt: skip
+                                 unit=unit, batch=batch, paper_value=None,
+                                 backend=c["na_backend"]))  # fmt: skip
     return rows
 
 

@@ -55,7 +55,10 @@ COLUMNS: tuple[str, ...] = (
     "batch",
     "torch",
     "git_sha",
+    "backend",
 )
+# Columns a reader may find missing in CSVs written before they existed (filled with "").
+OPTIONAL_COLUMNS: tuple[str, ...] = ("backend",)
 METHODS: tuple[str, ...] = ("measured", "counted", "analytic", "estimated", "none")
 
 
@@ -100,6 +103,9 @@ class ResultRow:
     batch: int | None
     torch: str
     git_sha: str
+    # The neighbourhood-attention backend that ran ("none": the model has no NA; "": the
+    # number involves no model run, e.g. an analytic count or a paper value).
+    backend: str = ""
 
 
 assert tuple(f.name for f in fields(ResultRow)) == COLUMNS
@@ -120,6 +126,7 @@ def make_row(
     paper_value: float | None = None,
     device: str | None = None,
     dtype: str | None = None,
+    backend: str = "",
 ) -> ResultRow:
     """A row; ``paper_value`` is looked up in :mod:`repro.paper` under ``paper_table`` (default
     ``table``) unless given, and ``unit`` defaults to the paper's unit of ``metric``.
@@ -150,6 +157,7 @@ def make_row(
         batch=batch,
         torch=env.torch,
         git_sha=env.git_sha,
+        backend=backend,
     )
 
 
@@ -197,7 +205,11 @@ def read_csv(path: str | Path):  # -> pandas.DataFrame (pandas imported lazily: 
     """Read a long-format CSV; raises if a column of :data:`COLUMNS` is missing."""
     import pandas as pd
 
-    df = pd.read_csv(path, keep_default_na=True, dtype={"status": str, "git_sha": str})
+    df = pd.read_csv(path, keep_default_na=True,
+                     dtype={"status": str, "git_sha": str, "backend": str})  # fmt: skip
+    for c in OPTIONAL_COLUMNS:
+        if c not in df.columns:
+            df[c] = ""
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"{path}: missing columns {missing}")
