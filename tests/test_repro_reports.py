@@ -110,7 +110,7 @@ def test_csv_round_trip_has_exact_columns(tmp_path: Path) -> None:
         header = next(csv.reader(f))
     assert tuple(header) == COLUMNS == (
         "table", "model", "metric", "value", "unit", "paper_value", "method", "status",
-        "device", "dtype", "batch", "torch", "git_sha",
+        "device", "dtype", "batch", "torch", "git_sha", "backend",
     )  # fmt: skip
     df = read_csv(path)
     assert len(df) == 2
