@@ -110,6 +110,22 @@ def test_mvar_scale_logits_ignore_other_scales(
         assert diff_s < 1e-5, f"scale {s} logits changed by {diff_s} when scale {other}'s input changed"
 
 
+def test_var_and_mvar_share_the_teacher_forcing_signature(tiny_vae: torch.nn.Module) -> None:
+    # VAR takes scales= like MVAR: the logits of those scales, as in the full forward.
+    model = _tiny("var-tiny")
+    label = torch.tensor([1, 2])
+    _, x = _teacher_input(tiny_vae, 2)
+    be = model.begin_ends
+    with torch.no_grad():
+        full = model(label, x)
+        assert torch.equal(model(label, x, scales=range(10)), full)
+        part = model(label, x, scales=[5, 3])  # prefix 0..5, rows of scales 3 and 5
+    want = torch.cat([full[:, be[3][0] : be[3][1]], full[:, be[5][0] : be[5][1]]], 1)
+    assert (part - want).abs().max().item() < 1e-5
+    with pytest.raises(ValueError, match="subset of 0..9"):
+        model(label, x, scales=[10])
+
+
 def test_var_later_scales_do_see_earlier_ones(tiny_vae: torch.nn.Module) -> None:
     model = _tiny("var-tiny")
     _, x = _teacher_input(tiny_vae, 1)

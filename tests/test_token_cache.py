@@ -108,3 +108,16 @@ def test_token_cache_without_flips_ignores_flip_requests() -> None:
     cache = TokenCache([torch.arange(6).view(3, 2)], torch.tensor([0, 1, 2]))
     idx, y = cache.batch(torch.tensor([2, 0]), torch.tensor([True, True]))
     assert idx[0].tolist() == [[4, 5], [0, 1]] and y.tolist() == [2, 0]
+
+
+@pytest.mark.slow
+def test_trainer_on_an_image_folder_uses_the_flip_cache(folder: Path, tmp_path: Path) -> None:
+    from mvar.train import TrainConfig, train
+
+    cfg = TrainConfig(model="mvar-tiny", out_dir=str(tmp_path / "run"), data=str(folder),
+                      recipe="mvar", steps=2, batch_size=2, lr=1e-3)  # fmt: skip
+    path = train(cfg)
+    (cache,) = (tmp_path / "run" / "token_cache").glob("tokens-*")
+    assert len(list(cache.glob("part-*.pt"))) == 1
+    state = torch.load(path, weights_only=True)
+    assert state["trainer"]["step"] == 2 and len(state["tokens_sha256"]) == 64
