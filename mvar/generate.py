@@ -578,7 +578,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seed-mode", choices=("per-batch", "fixed"), default="per-batch")
     p.add_argument("--per-class", type=int, default=50)
-    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--num-classes", type=int,
+                   help="sample classes 0..N-1 (default: every class of the model)")
     p.add_argument("--classes", help="comma-separated class ids (default: 0..num_classes-1)")
     p.add_argument("--batch-size", type=int, default=25)
     p.add_argument("--uint8", choices=("round", "truncate"), default="round")
@@ -603,7 +604,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     mcfg = get_preset(CHECKPOINT_PRESETS.get(args.model, args.model))
     sampling = sampling_for(args.model, args.cfg, args.top_k, args.top_p, args.more_smooth)
     check_sampling_settings(sampling.cfg, sampling.top_k, sampling.top_p)
-    classes = _parse_classes(args.classes, args.num_classes)
+    classes = _parse_classes(args.classes, args.num_classes or mcfg.num_classes)
     check_class_labels(list(classes), mcfg.num_classes)
     if args.per_class < 1 or args.batch_size < 1:
         raise ValueError(f"--per-class and --batch-size must be >= 1, got {args.per_class} and "
