@@ -96,12 +96,16 @@ def _quiet_broken_pipe() -> None:
 
 
 def _presets(argv: list[str]) -> None:
-    from mvar.config import PRESETS, SAMPLING_PRESETS
+    from mvar.config import PRESETS, SAMPLING_PRESETS, VAE_PRESETS
 
     for name, cfg in sorted(PRESETS.items()):
         na = f" NA k={cfg.kernel_size} on scales>={cfg.refine_step}" if cfg.arch == "mvar" and cfg.spatial_markov else ""
         sys.stdout.write(f"{name:24s} {cfg.arch:4s} depth {cfg.depth:2d} width {cfg.embed_dim:4d} "
                          f"L {cfg.seq_len}{na}\n")  # fmt: skip
+    sys.stdout.write("\ntokenizer presets (mvar train-vae --vae):\n")
+    for name, v in VAE_PRESETS.items():
+        sys.stdout.write(f"{name:24s} {v.image_size} px, V {v.vocab_size}, Cvae {v.Cvae}, "
+                         f"ch {v.ch}x{v.ch_mult}, scales {v.patch_nums}\n")  # fmt: skip
     sys.stdout.write("\nreleased checkpoints (cfg / top_k / top_p):\n")
     for name, s in SAMPLING_PRESETS.items():
         sys.stdout.write(f"{name:24s} {s.cfg} / {s.top_k} / {s.top_p}\n")

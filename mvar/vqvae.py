@@ -36,9 +36,9 @@ __all__ = [
     "MultiScaleQuantizer",
     "Phi",
     "QuantizerOutput",
-    "VQVAEOutput",
     "ResnetBlock",
     "Upsample",
+    "VQVAEOutput",
     "load_vqvae_state_dict",
     "phi_indices",
 ]
