@@ -35,7 +35,8 @@ Exit status: 0 all that ran passed (cells may still be ``not measured: time limi
 ``--keep-going``; everything up to it is written); 2 bad command line; 3 no CUDA device
 (``gpu_check: no CUDA device ...`` on stderr, nothing written: run it on a GPU machine).
 The command installs nothing: it runs in the current environment (torch with CUDA, and for
-full coverage numba-cuda, pytest, hypothesis, nvidia-ml-py; pandas for the markdown).
+full coverage numba-cuda, pytest, hypothesis, nvidia-ml-py; pandas for the markdown). The
+user's side of all this: ``docs/gpu_check.md``.
 """
 
 from __future__ import annotations
@@ -230,9 +231,9 @@ def write_markdown_if_possible(out: Path) -> None:
         return
     from repro.report import write_markdown
 
-    write_markdown(out / CSV_NAME, out / MD_NAME, title="GPU check",
-                   notes=("Rows from `python -m repro.gpu_check`; details and timings per check "
-                          f"in `{JSON_NAME}`, the log in `{LOG_NAME}`.",))  # fmt: skip
+    note = (f"Rows from `python -m repro.gpu_check`; details and timings per check in "
+            f"`{JSON_NAME}`, the log in `{LOG_NAME}`.")  # fmt: skip
+    write_markdown(out / CSV_NAME, out / MD_NAME, title="GPU check", notes=(note,))
 
 
 def setup_logging(out: Path) -> list[logging.Handler]:

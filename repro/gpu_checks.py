@@ -31,7 +31,8 @@ kernel has never run on a device; a wrong kernel makes every later number moot),
 cheap cells of Table 2's headline (d16 sampling: the memory ratio and latency), the kernel
 benchmark at Table 2's workload, then the same cells in fp16, then training and larger depths,
 slowest last. Estimates are for one H100 and are guesses until the first run; every run
-records estimate and actual per check (``gpu_check.json``) to recalibrate them.
+records estimate and actual per check (``gpu_check.json``) to recalibrate them. Tolerances
+and order are explained for users in ``docs/gpu_check.md`` §3-4.
 """
 
 from __future__ import annotations

@@ -154,6 +154,7 @@ def test_cuda_runs_on_torchs_current_stream() -> None:
     _require("cuda")
     side = torch.cuda.Stream()
     a = torch.randn(4096, 4096, device=CUDA)
+    side.wait_stream(torch.cuda.current_stream())  # a is made on the default stream
     shape = (2, 4, 16, 16, 64)
     with torch.cuda.stream(side):
         for _ in range(4):  # milliseconds of queued work before q, k, v are final
