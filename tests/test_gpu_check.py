@@ -413,7 +413,7 @@ def test_kernel_tests_check_counts_and_fails_loudly(tmp_path: Path) -> None:
         def test_skipped(): pytest.skip("ptxas not on the PATH")
     """))
     ctx = Context(env=ENV, deadline=time.monotonic() + 120, extra={"out": tmp_path})
-    check = gpu_checks.kernel_tests_check([str(test_file)], estimate_s=30)
+    check = gpu_checks.kernel_tests_check([str(test_file)], estimate_s=30, must_pass="fake_kernel")
     result = _run_one(check, ctx)
     by_metric = {r.metric: r for r in result.rows}
     assert by_metric["kernel_tests_passed"].value == 1
@@ -426,6 +426,14 @@ def test_kernel_tests_check_counts_and_fails_loudly(tmp_path: Path) -> None:
     test_file.write_text("import pytest\ndef test_s(): pytest.skip('no cuda')\n")
     result = _run_one(gpu_checks.kernel_tests_check([str(test_file)], estimate_s=30), ctx)
     assert result.failed and "no kernel test passed" in result.rows[1].status
+    # ... and so is a run where only the other files' tests passed (the device tests skipped)
+    other = tmp_path / "test_other.py"
+    other.write_text("def test_ptx(): assert True\n")
+    check = gpu_checks.kernel_tests_check([str(test_file), str(other)], estimate_s=30,
+                                          must_pass="test_fake_kernel")  # fmt: skip
+    result = _run_one(check, ctx)
+    assert result.rows[0].value == 1 and result.failed
+    assert "no test of test_fake_kernel passed" in result.rows[1].status
 
 
 def test_parse_junit(tmp_path: Path) -> None:
@@ -437,7 +445,7 @@ def test_parse_junit(tmp_path: Path) -> None:
       <testcase classname="t" name="d"><error message="fixture broke">tb</error></testcase>
     </testsuite></testsuites>""")
     s = gpu_checks.parse_junit(xml)
-    assert (s.tests, s.passed, s.failed, s.skipped) == (4, 1, 2, 1)
+    assert (s.tests, s.passed, s.failed, s.skipped) == (4, 1, 2, 1) and s.passed_ids == ("t::a",)
     assert s.failing == ("t::b: AssertionError: x", "t::d: fixture broke")
 
 
