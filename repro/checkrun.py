@@ -292,14 +292,16 @@ def _one_line(exc: BaseException) -> str:
 
 
 class Watchdog:
-    """Ends the process at a hard limit: calls ``on_fire()`` (write what there is) from a
-    timer thread, then ``exit_fn(code)`` (``os._exit``: the main thread may be stuck in a
-    kernel or a hang). ``cancel()`` when the run finishes in time."""
+    """Ends the process at a hard limit: runs ``on_fire()`` (write what there is) from a timer
+    thread, waiting for it at most ``write_timeout_s`` (it must not hang the exit itself), then
+    ``exit_fn(code)`` (``os._exit``: the main thread may be stuck in a kernel or a hang).
+    ``cancel()`` when the run finishes in time."""
 
     def __init__(self, seconds: float, on_fire: Callable[[], None], *, code: int = 0,
-                 exit_fn: Callable[[int], None] = os._exit) -> None:  # fmt: skip
+                 exit_fn: Callable[[int], None] = os._exit, write_timeout_s: float = 30.0) -> None:  # fmt: skip
         self.fired = threading.Event()
         self._on_fire, self._exit, self._code = on_fire, exit_fn, code
+        self._write_timeout = write_timeout_s
         self._timer = threading.Timer(max(seconds, 0.0), self._fire)
         self._timer.daemon = True
 
@@ -310,12 +312,23 @@ class Watchdog:
     def cancel(self) -> None:
         self._timer.cancel()
 
-    def _fire(self) -> None:
-        self.fired.set()
+    def _write(self) -> None:
         try:
             self._on_fire()
         except Exception:  # noqa: BLE001  (still exit: a hung run must end)
             log.exception("watchdog: writing the partial results failed")
-        finally:
-            logging.shutdown()
-            self._exit(self._code)
+
+    def _fire(self) -> None:
+        self.fired.set()
+        writer = threading.Thread(target=self._write, name="watchdog-write", daemon=True)
+        writer.start()
+        writer.join(self._write_timeout)
+        if writer.is_alive():
+            log.error("watchdog: writing the results took over %.0f s; exiting anyway",
+                      self._write_timeout)  # fmt: skip
+        for h in logging.getLogger().handlers:
+            try:
+                h.flush()
+            except Exception:  # noqa: BLE001
+                pass
+        self._exit(self._code)

@@ -79,8 +79,8 @@ def parse_duration(text: str) -> float:
 
 def margin_for(limit_s: float) -> float:
     """Seconds kept back from the checks' budget for a step that overruns its estimate and for
-    writing the results: 10% of the limit, at least 5 s, at most 60 s."""
-    return min(60.0, max(5.0, 0.1 * limit_s))
+    writing the results: 10% of the limit, at least 5 s, at most 60 s (and at most half)."""
+    return min(60.0, max(5.0, 0.1 * limit_s), 0.5 * limit_s)
 
 
 def build_parser() -> argparse.ArgumentParser:

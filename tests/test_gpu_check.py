@@ -222,6 +222,16 @@ def test_watchdog_writes_then_exits_and_cancel_stops_it(tmp_path: Path) -> None:
     calm.cancel()
     time.sleep(0.3)
     assert exits == [0]
+    # a writer that hangs (or raises) does not keep the process alive
+    hung = Watchdog(0.01, lambda: time.sleep(60), code=0, exit_fn=exits.append, write_timeout_s=0.1)
+    hung.start()
+    broken = Watchdog(0.01, lambda: 1 / 0, code=0, exit_fn=exits.append, write_timeout_s=5)
+    broken.start()
+    for _ in range(200):
+        if len(exits) == 3:
+            break
+        time.sleep(0.01)
+    assert exits == [0, 0, 0]
 
 
 # --- the record: CSV and JSON ------------------------------------------------------------------
@@ -593,3 +603,39 @@ def test_time_limit_reached_is_not_an_error() -> None:
     ctx = _ctx(5)
     with pytest.raises(TimeLimitReached, match="needs ~10 s, 5 s left"):
         ctx.guard(10, "x")
+
+
+HANGING_RUN = """
+import sys, time
+from repro import gpu_check
+from repro.checkrun import Check, Planned
+from repro.report import Environment
+
+planned = (Planned("t", "hang", "m", "s", "float32", 1),)
+def run(ctx, emit):
+    time.sleep(60)  # a hang: only the watchdog ends this
+
+gpu_check.no_gpu_reason = lambda device: None
+gpu_check.open_device = lambda device: (Environment("cuda: Fake", "float32", "t", "abc"), {})
+gpu_check.build_plan = lambda opts: [Check("hang", "sleeps", planned, 0.5, run)]
+sys.exit(gpu_check.main(["--out", sys.argv[1], "--time-limit", "4"]))
+"""
+
+
+def test_a_hanging_check_is_ended_by_the_watchdog_with_its_rows_written(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", HANGING_RUN, str(tmp_path)], cwd=REPO_ROOT,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True,
+                          text=True, timeout=120, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert time.monotonic() - t0 < 40  # ended at the 4 s limit, not after the 60 s hang
+    assert [r["status"] for r in _read(tmp_path / "gpu_check.csv")] == [TIME_LIMIT]
+    record = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert record["hard_stop"] is True and record["not_run"] == ["hang"]
+    assert "watchdog" in (tmp_path / "gpu_check.log").read_text()
