@@ -26,6 +26,7 @@ clock:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -327,8 +328,6 @@ class Watchdog:
             log.error("watchdog: writing the results took over %.0f s; exiting anyway",
                       self._write_timeout)  # fmt: skip
         for h in logging.getLogger().handlers:
-            try:
+            with contextlib.suppress(Exception):  # a broken handler must not stop the exit
                 h.flush()
-            except Exception:  # noqa: BLE001
-                pass
         self._exit(self._code)
