@@ -1,5 +1,6 @@
 """Sessions: ``nox -s tests`` (default), one ``repro_*`` session per paper table/figure,
-``bench`` for the kernel and model-step benchmarks, ``lint``.
+``bench`` for the kernel and model-step benchmarks, ``gpu_check`` for everything that needs a
+GPU, ``lint``.
 
 Every session installs the project with its ``dev`` extra into its own virtualenv, reused on
 later runs (torch is large). Arguments after ``--`` go to the underlying command.
@@ -86,6 +87,16 @@ def bench(session: nox.Session) -> None:
         session.run("python", "-m", "pytest", f"bench/bench_{suite}.py",
                     "--benchmark-json", json_path, *session.posargs)  # fmt: skip
         session.run("python", "-m", "bench.to_csv", json_path, f"reports/bench/{suite}.csv")
+
+
+@nox.session(venv_backend="none")
+def gpu_check(session: nox.Session) -> None:
+    """Everything that needs a GPU in one unattended run of at most 8 minutes (``--time-limit``):
+    kernel tests on the device, GPU vs CPU logits, Table 2's time and memory columns, the na2d
+    benchmark; rows, JSON and log in ``reports/gpu/`` (``-- --help``, ``-- --list`` for the
+    plan). Runs in the current environment, installing nothing (a GPU machine's own CUDA build
+    of torch; see the README's "GPU check"). Exits 3 at once without a CUDA device."""
+    session.run("python", "-m", "repro.gpu_check", *session.posargs, external=True)
 
 
 @nox.session

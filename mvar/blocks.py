@@ -103,6 +103,15 @@ class NeighbourhoodAttention(nn.Module):
         if h * w != l:
             raise ValueError(f"grid {h}x{w} does not hold the {l} tokens of this scale")
         q, k, v = (t.reshape(B, H, h, w, c) for t in (q_BHlc, k_BHlc, v_BHlc))
+        if not q.dtype == k.dtype == v.dtype:
+            # Under autocast, cosine attention's q (and on CUDA k) leave the normalisation in
+            # fp32 (norm runs in fp32; the temperature is an fp32 parameter) while v stays in
+            # the autocast dtype. SDPA, on the dense scales, casts all three to the autocast
+            # dtype; the neighbourhood scales do the same (na2d takes one dtype).
+            dev = q.device.type
+            dt = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
+                  else torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype))  # fmt: skip
+            q, k, v = q.to(dt), k.to(dt), v.to(dt)
         o = na2d(q, k, v, self.kernel_size, scale=self.scale, backend=self.backend)
         return o.reshape(B, H, l, c)
 

@@ -234,3 +234,29 @@ def test_label_dropout_only_in_training(tiny_vae: torch.nn.Module) -> None:
         a = model(label, x)
     per_row = (a - a[:1]).abs().amax(dim=(1, 2))
     assert (per_row > 0).any(), "some of 64 labels should have been dropped to the null class"
+
+
+# --- autocast: the neighbourhood scales take one dtype ----------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_mvar_neighbourhood_scales_run_under_autocast(dtype: torch.dtype) -> None:
+    """Under autocast the cosine-normalised q (fp32 temperature) and v (autocast dtype) differ
+    in dtype; the NA scales cast them to the autocast dtype as SDPA does on the dense scales
+    (before, na2d raised TypeError: the official fp16 sampling and training of MVAR crashed).
+    Forward and a training step's backward, close to fp32."""
+    from mvar.step import make_optimizer, train_step
+
+    model = _tiny("mvar-tiny")
+    x = torch.randn(2, model.L - model.first_l, model.Cvae, generator=torch.Generator().manual_seed(0))
+    label = torch.tensor([1, 2])
+    with torch.no_grad():
+        ref = model(label, x, scales=[9])
+        with torch.autocast("cpu", dtype=dtype):
+            out = model(label, x, scales=[9])
+    err = (out.float() - ref).abs().max().item()
+    assert err < 0.05 * ref.abs().max().item(), f"autocast logits off by {err}"
+    model.train()
+    targets = torch.randint(model.V, (2, model.L))
+    loss = train_step(model, make_optimizer(model, 1e-4), label, x, targets, [9], amp_dtype=dtype)
+    assert torch.isfinite(loss)
