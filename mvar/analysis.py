@@ -801,7 +801,7 @@ def analyse(
     if cfg.arch == "var":
         runs: list[list[int]] = [list(range(geometry.num_scales))]
     else:
-        runs = model.chunks(range(geometry.num_scales))  # the forwards MVAR's own forward runs
+        runs = model.forward_groups(range(geometry.num_scales))  # the forwards MVAR's own forward runs
     with _eval_mode(model), probe:
         for b0 in range(0, n, batch_size):
             idx_b = [t[b0 : b0 + batch_size] for t in idx]

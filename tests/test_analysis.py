@@ -255,8 +255,8 @@ def tiny_models() -> dict[str, torch.nn.Module]:
 @pytest.fixture(scope="module")
 def tokens(tiny_vae: torch.nn.Module) -> tuple[list[torch.Tensor], torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
-    idx = [torch.randint(0, 512, (2, pn * pn), generator=gen) for pn in tiny_vae.cfg.patch_nums]
-    return idx, torch.tensor([3, 1000])  # one class, one null-class image
+    idx = [torch.randint(0, tiny_vae.cfg.vocab_size, (2, pn * pn), generator=gen) for pn in tiny_vae.cfg.patch_nums]
+    return idx, torch.tensor([3, 10])  # one class, one null-class image
 
 
 @pytest.mark.parametrize("arch", ["var", "mvar"])
@@ -284,7 +284,7 @@ def test_probe_on_tiny_models(arch: str, tiny_models, tiny_vae, tokens) -> None:
     # One probability block at a time, none left when a layer starts; every call checked.
     assert a.info["peak_live_maps"] == 1 and a.info["live_maps_at_layer_start"] == 0
     assert a.info["max_output_error"] < 1e-4
-    expected_calls = 2 * len(model.blocks) * (1 if arch == "var" else len(model.chunks(range(10))))
+    expected_calls = 2 * len(model.blocks) * (1 if arch == "var" else len(model.forward_groups(range(10))))
     assert a.info["attention_calls"] == expected_calls
 
 
@@ -299,7 +299,7 @@ def test_hooks_do_not_change_logits(arch: str, tiny_models, tiny_vae, tokens) ->
         acc = AttentionAccumulator(g, len(model.blocks), model.config.num_heads)
         with AttentionProbe(model, acc) as probe:
             parts = []
-            runs = [list(range(10))] if arch == "var" else model.chunks(range(10))
+            runs = [list(range(10))] if arch == "var" else model.forward_groups(range(10))
             for chunk in runs:
                 probe.query_tokens = torch.cat([torch.arange(*g.begin_ends[s]) for s in chunk])
                 parts.append(model(labels, x) if arch == "var" else model(labels, x, scales=chunk))
@@ -345,7 +345,7 @@ def test_analyse_rejects_bad_input(tiny_models, tiny_vae) -> None:
     with pytest.raises(ValueError, match="one \\(B, pn²\\) tensor per scale"):
         analyse(model, tiny_vae, [torch.zeros(2, 1, dtype=torch.long)])
     with pytest.raises(ValueError, match=r"\[-1, 1\]"):
-        analyse(model, tiny_vae, torch.full((1, 3, 256, 256), 2.0))
+        analyse(model, tiny_vae, torch.full((1, 3, 32, 32), 2.0))
 
 
 def test_npz_round_trip(tmp_path) -> None:
@@ -378,7 +378,7 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys) -> None:
     np.save(bad, np.zeros((2, 64, 64, 3), np.uint8))
     with pytest.raises(SystemExit):
         cli.main(["--images", str(bad), "--out", str(tmp_path)])
-    assert "expected uint8 images (N, 256, 256, 3)" in capsys.readouterr().err
+    assert "expected uint8 images (N, 32, 32, 3)" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -386,7 +386,7 @@ def test_cli_end_to_end(tmp_path) -> None:
     from repro import attention_analysis as cli
     from repro.report import read_csv
 
-    imgs = np.random.default_rng(0).integers(0, 256, (2, 256, 256, 3), dtype=np.uint8)
+    imgs = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     np.savez(tmp_path / "imgs.npz", arr_0=imgs, labels=np.array([1, 2]))
     made = cli.main(
         ["--images", str(tmp_path / "imgs.npz"), "--batch-size", "2", "--out", str(tmp_path)]
