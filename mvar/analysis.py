@@ -56,6 +56,7 @@ import torch
 from torch import Tensor, nn
 
 from mvar.attention import tolerance, window_starts
+from mvar.config import PyramidGeometry
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -73,36 +74,9 @@ TABLE = "attention-analysis"
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class PyramidGeometry:
-    """Token layout of the scale pyramid: scale ``si`` holds tokens ``begin_ends[si]``, row-major
-    on a ``patch_nums[si]``² grid."""
-
-    patch_nums: tuple[int, ...]
-
-    @property
-    def num_scales(self) -> int:
-        return len(self.patch_nums)
-
-    @property
-    def seq_len(self) -> int:
-        return sum(pn * pn for pn in self.patch_nums)
-
-    @property
-    def side(self) -> int:
-        return max(self.patch_nums)
-
-    @property
-    def begin_ends(self) -> tuple[tuple[int, int], ...]:
-        out, cur = [], 0
-        for pn in self.patch_nums:
-            out.append((cur, cur + pn * pn))
-            cur += pn * pn
-        return tuple(out)
-
-    def scale_of_tokens(self) -> Tensor:
-        """(L,) int64: the scale of every token."""
-        return torch.cat([torch.full((pn * pn,), si) for si, pn in enumerate(self.patch_nums)])
+def scale_of_tokens(g: PyramidGeometry) -> Tensor:
+    """(L,) int64: the scale of every token."""
+    return torch.cat([torch.full((pn * pn,), si) for si, pn in enumerate(g.patch_nums)])
 
 
 def _axis_twice_centres(p_key: int, p_query: int) -> Tensor:
@@ -194,7 +168,7 @@ class AttentionAccumulator:
         self.query_map_sum = torch.zeros(
             D, H, len(self.tracked_queries), g.seq_len, dtype=torch.float64
         )
-        self._scale_of = g.scale_of_tokens()
+        self._scale_of = scale_of_tokens(g)
         self._bins: dict[tuple[int, int], Tensor] = {}
         self._windows: dict[tuple[int, int], Tensor] = {}
 

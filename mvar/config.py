@@ -16,6 +16,34 @@ PATCH_NUMS_512: tuple[int, ...] = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)  # VAR-d36-
 
 
 @dataclass(frozen=True)
+class PyramidGeometry:
+    """Token layout of the scale pyramid (the one definition): scale ``si`` holds tokens
+    ``begin_ends[si]``, row-major on a ``patch_nums[si]``² grid."""
+
+    patch_nums: tuple[int, ...]
+
+    @property
+    def num_scales(self) -> int:
+        return len(self.patch_nums)
+
+    @property
+    def seq_len(self) -> int:
+        return sum(pn * pn for pn in self.patch_nums)
+
+    @property
+    def side(self) -> int:
+        return max(self.patch_nums)
+
+    @property
+    def begin_ends(self) -> tuple[tuple[int, int], ...]:
+        out, cur = [], 0
+        for pn in self.patch_nums:
+            out.append((cur, cur + pn * pn))
+            cur += pn * pn
+        return tuple(out)
+
+
+@dataclass(frozen=True)
 class VQVAEConfig:
     """The multi-scale residual VQ-VAE (``vae_ch160v4096z32.pth`` by default)."""
 
@@ -92,20 +120,20 @@ class ModelConfig:
         return self.vae.Cvae
 
     @property
+    def geometry(self) -> PyramidGeometry:
+        return PyramidGeometry(tuple(self.patch_nums))
+
+    @property
     def num_scales(self) -> int:
-        return len(self.patch_nums)
+        return self.geometry.num_scales
 
     @property
     def seq_len(self) -> int:
-        return sum(pn * pn for pn in self.patch_nums)
+        return self.geometry.seq_len
 
     @property
     def begin_ends(self) -> tuple[tuple[int, int], ...]:
-        out, cur = [], 0
-        for pn in self.patch_nums:
-            out.append((cur, cur + pn * pn))
-            cur += pn * pn
-        return tuple(out)
+        return self.geometry.begin_ends
 
     @property
     def head_dim(self) -> int:

@@ -93,7 +93,7 @@ class StudyConfig:
     radius: tuple[float, float] = (0.4, 0.7)
     data_seed: int = 0
     split_sizes: tuple[tuple[str, int], ...] = (
-        ("tokenizer", 4000), ("transformer", 6000), ("evaluator", 4000),
+        ("tokenizer", 4000), ("transformer", 4000), ("evaluator", 4000),
         ("evaluator_test", 1000), ("reference", 2000), ("holdout", 1000),
     )  # fmt: skip
     # Tokenizer training (overrides of mvar.train_vae's defaults).

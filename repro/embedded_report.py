@@ -221,12 +221,29 @@ def reading(r: StudyResult) -> list[str]:
     )  # fmt: skip
     for name in ("mvar-tiny", "mvar-tiny-finetune", "mvar-tiny-scale-markov"):
         m = sc[name]
-        rel = "lies within" if _overlap(m, v) else ("is better than" if m.fid_high < v.fid_low
-                                                    else "is worse than")  # fmt: skip
+        inside = v.fid_low <= m.fid <= v.fid_high
+        if _overlap(m, v):
+            verdict = "the intervals overlap: no difference is resolved at this sample size"
+        elif m.fid_high < v.fid_low:
+            verdict = "its whole interval lies below VAR's: better than VAR-tiny here"
+        else:
+            verdict = "its whole interval lies above VAR's: worse than VAR-tiny here"
         out.append(
             f"- **{LABELS[name]} vs VAR-tiny.** FID {m.fid:.3g} [{m.fid_low:.3g}, {m.fid_high:.3g}] "
-            f"against {v.fid:.3g} [{v.fid_low:.3g}, {v.fid_high:.3g}]: its 95% interval {rel} "
-            f"VAR's; class accuracy {m.class_accuracy:.1%} vs {v.class_accuracy:.1%}."
+            f"against {v.fid:.3g} [{v.fid_low:.3g}, {v.fid_high:.3g}]; its FID lies "
+            f"{'inside' if inside else 'outside'} VAR's 95% interval and {verdict}. Class "
+            f"accuracy of samples {m.class_accuracy:.1%} vs {v.class_accuracy:.1%} (chance "
+            f"{1 / r.study.num_classes:.0%})."
+        )
+    real_acc = sc["real-holdout"].class_accuracy
+    best = max(sc[n].class_accuracy for n in ("var-tiny", "mvar-tiny", "mvar-tiny-finetune",
+                                              "mvar-tiny-scale-markov"))  # fmt: skip
+    if best < 0.5 * real_acc:
+        out.append(
+            f"- **Budget.** At this budget every model is far from converged: at most {best:.1%} "
+            f"of samples are classified as their class, against {real_acc:.1%} of real images. "
+            "The comparison is between equally undertrained models; `--study long` spends "
+            "more iterations and samples on the same code."
         )
     if "var-tiny" in c and "mvar-tiny" in c:
         cv, cm = c["var-tiny"], c["mvar-tiny"]
