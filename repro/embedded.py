@@ -93,16 +93,16 @@ class StudyConfig:
     radius: tuple[float, float] = (0.4, 0.7)
     data_seed: int = 0
     split_sizes: tuple[tuple[str, int], ...] = (
-        ("tokenizer", 4000), ("transformer", 4000), ("evaluator", 4000),
+        ("tokenizer", 4000), ("transformer", 3200), ("evaluator", 4000),
         ("evaluator_test", 1000), ("reference", 2000), ("holdout", 1000),
     )  # fmt: skip
     # Tokenizer training (overrides of mvar.train_vae's defaults).
-    vae: tuple[tuple[str, Any], ...] = ()
+    vae: tuple[tuple[str, Any], ...] = (("steps", 500),)
     # Evaluator.
     evaluator: ev.EvaluatorConfig = field(default_factory=ev.EvaluatorConfig)
     # Transformers: one recipe for all four models.
-    steps: int = 250
-    finetune_steps: int = 100
+    steps: int = 200  # x batch 16 = 3200 sequences: one pass over the transformer split
+    finetune_steps: int = 80
     batch_size: int = 16
     lr: float = 3e-3  # toy widths need far more than the paper's 1e-4 * batch / 256
     warmup_steps: int = 10
@@ -118,7 +118,7 @@ class StudyConfig:
     pr_k: int = 3
     is_splits: int = 10
     latency_batch: int = 16
-    latency_repeats: int = 3
+    latency_repeats: int = 2
 
     def __post_init__(self) -> None:
         sizes = dict(self.split_sizes)
