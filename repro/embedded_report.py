@@ -333,10 +333,13 @@ def write_report(r: StudyResult, out: Path) -> Path:
         f"(`mvar.profiling.LiveBytesTracker`, exact bytes, CPU): token generation at batch "
         f"{s.latency_batch} with guidance (2x rows), the training step at batch {s.batch_size} "
         "with AdamW state, max over the model's schedule chunks. Latency: median of "
-        f"{s.latency_repeats} timed runs after one warm-up, tokens and decode. Training iteration "
-        "time: mean wall time per iteration of the actual training run (first 10 left out), "
-        "under each model's own schedule. Attention GFLOPs: MACs of the qkv projection, QK^T and "
-        "AV counted by hooks during sampling of one image (the paper's convention).",
+        f"{s.latency_repeats} timed runs after one warm-up, tokens and decode, batch "
+        f"{s.latency_batch}. Training iteration time: from the actual training run, the median "
+        "wall time of each chunk's iterations (the first 10 iterations left out) weighted by the "
+        "chunk's share of the model's schedule (VAR: every iteration all scales; MVAR and the "
+        "ablation: 8 x scales 0-7, then 8, then 9). Attention GFLOPs: MACs of the qkv "
+        "projection, QK^T and AV counted by hooks during sampling of one image (the paper's "
+        "convention, docs/counting.md §1). One machine, one run: compare ratios, not absolutes.",
         "",
         "## Tokenizer",
         "",
