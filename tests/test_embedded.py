@@ -254,8 +254,8 @@ def test_metric_sanity_ordering_at_miniature_size(tmp_path: Path) -> None:
     data = SyntheticShapes(4, 600, 16, 0, texture=True, radius=(0.5, 0.8))
     split = {"vae": range(0, 800), "eval": range(800, 1600), "ref": range(1600, 2000),
              "hold": range(2000, 2400)}  # fmt: skip
-    vcfg = VAETrainConfig(vae="vae-micro", out_dir=str(tmp_path / "vae"), steps=80, batch_size=16,
-                          lr=3e-3, warmup_steps=5, device="cpu", log_every=40, ckpt_every=80)  # fmt: skip
+    vcfg = VAETrainConfig(vae="vae-micro", out_dir=str(tmp_path / "vae"), steps=400, batch_size=8,
+                          lr=3e-3, warmup_steps=10, device="cpu", log_every=100, ckpt_every=400)  # fmt: skip
     vae = load_vqvae(train_vae(vcfg, data=Subset(data, split["vae"])), get_vae_preset("vae-micro"))
     x, y = ev.dataset_uint8(Subset(data, split["eval"]))
     clf = ev.train_evaluator(ev.EvaluatorConfig(num_classes=4, image_size=16, widths=(8, 16, 32),

@@ -359,8 +359,8 @@ def test_pipeline_one_vs_two_processes_and_resume(
     # Metrics: an ADM-style reference (precomputed mu/sigma + images) built from a few
     # synthetic images, the random-weights Inception, and the npz vs the folder.
     rng = np.random.default_rng(0)
-    # At the samples' 256 px: sets at different resolutions are refused (test_hardening).
-    ref_imgs = rng.integers(0, 256, size=(4, 256, 256, 3), dtype=np.uint8)
+    # At the samples' 32 px (the tiny VAE): sets at different resolutions are refused (test_hardening).
+    ref_imgs = rng.integers(0, 256, size=(4, 32, 32, 3), dtype=np.uint8)
     ref_imgs[:, :128] //= 4  # some structure, so the reference features differ from noise
     cache = tmp_path / "features"
     ex = InceptionExtractor(random_inception, label=RANDOM_EXTRACTOR_LABEL)
