@@ -143,8 +143,11 @@ def load_evaluator(path: str | os.PathLike[str], device: str | torch.device = "c
 
 
 def to_uint8_B3HW(img_B3HW_pm1: Tensor) -> Tensor:
-    """[-1, 1] float images -> uint8 the way samples are written to PNG (round to nearest)."""
-    return img_B3HW_pm1.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+    """[-1, 1] float images -> uint8 (B, 3, H, W), exactly as samples are written to PNG
+    (:func:`mvar.generate.to_uint8`, round mode)."""
+    from mvar.generate import to_uint8
+
+    return torch.from_numpy(to_uint8(img_B3HW_pm1.add(1).mul(0.5), "round")).permute(0, 3, 1, 2)
 
 
 def dataset_uint8(data: Dataset, batch: int = 256) -> tuple[Tensor, Tensor]:

@@ -37,6 +37,7 @@ Outputs (the report contract): ``reports/embedded/table1.csv`` (table ``table1-e
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import logging
 import os
@@ -231,11 +232,6 @@ class Stages:
 
         return self.cache.get_or_build("vae", config, {}, build)
 
-    def load_vae(self, art: Artifact) -> torch.nn.Module:
-        from mvar.checkpoint import load_vqvae
-
-        return load_vqvae(art.path / art.info["file"], "var-tiny", self.device)
-
     # -- evaluator ------------------------------------------------------------------------------
     def evaluator(self) -> Artifact:
         cfg = self.study.evaluator
@@ -259,7 +255,7 @@ class Stages:
         config = {"data": self.data_key("transformer")}
 
         def build(folder: Path) -> dict[str, Any]:
-            vae = self.load_vae(vae_art)
+            vae = load_vae(vae_art, self.device)
             tc = encode_dataset(vae, self.study.split("transformer"), batch_size=250)
             with atomic_path(folder / "tokens.pt") as tmp:
                 torch.save({"idx_Bl": [t.to(torch.int16) for t in tc.idx_Bl],
@@ -298,9 +294,6 @@ class Stages:
         return self.cache.get_or_build(f"train-{name}", {"recipe": recipe, "data":
                                        self.data_key("transformer")}, inputs, build)  # fmt: skip
 
-    def load_model(self, name: str, art: Artifact) -> torch.nn.Module:
-        return load_transformer(art.path / art.info["file"], MODELS[name], device=self.device)
-
     # -- samples --------------------------------------------------------------------------------
     def samples(self, name: str, model_art: Artifact, vae_art: Artifact) -> Artifact:
         """``per_class`` images per class through the paper-scale generation code
@@ -328,6 +321,18 @@ class Stages:
                     "na_backend": settings.na_backend, "seconds": time.perf_counter() - t0}  # fmt: skip
 
         return self.cache.get_or_build(f"samples-{name}", config, inputs, build)
+
+
+def load_vae(art: Artifact, device: torch.device) -> torch.nn.Module:
+    """The study's trained tokenizer from its artifact."""
+    from mvar.checkpoint import load_vqvae
+
+    return load_vqvae(art.path / art.info["file"], "var-tiny", device)
+
+
+def load_model(name: str, art: Artifact, device: torch.device) -> torch.nn.Module:
+    """A trained transformer of the study (report name -> preset) from its artifact."""
+    return load_transformer(art.path / art.info["file"], MODELS[name], device=device)
 
 
 def _na_backend(model: torch.nn.Module, device: torch.device) -> str:
@@ -464,9 +469,7 @@ def measure_compute(name: str, model: torch.nn.Module, vae: torch.nn.Module, tok
     # AdamW) on a real batch; one warm-up iteration first so AdamW's state exists (steady
     # state), then every chunk of the model's schedule once, peak live bytes per chunk
     # (weights, gradients, optimizer state, activations); the max is the model's.
-    train_model = type(model)(model.config).to(device)
-    train_model.load_state_dict(model.state_dict())
-    train_model.train()
+    train_model = copy.deepcopy(model).train()  # same weights and pinned NA backend
     opt = make_optimizer(train_model, lr=1e-6)
     idx_Bl, label_B = tokens.batch(torch.arange(study.batch_size) % len(tokens))
     with torch.no_grad():  # the frozen VQ-VAE, as in the trainer
@@ -507,6 +510,7 @@ class StudyResult:
     wall_seconds: float
     device: torch.device
     backends: dict[str, str]  # the NA backend each sample set was generated with ("none": no NA)
+    images: dict[str, torch.Tensor]  # uint8 (N, 3, H, W) of the held-out set and every sample set
 
 
 def trained_models(
@@ -528,7 +532,7 @@ def run_study(study: StudyConfig, cache_dir: Path, device: torch.device) -> Stud
     st = Stages(ArtifactCache(cache_dir, study_code_fingerprint()), study, device)
     arts, tokens = trained_models(st)
     arts["evaluator"] = st.evaluator()
-    vae = st.load_vae(arts["vae"])
+    vae = load_vae(arts["vae"], device)
     clf = ev.load_evaluator(arts["evaluator"].path / arts["evaluator"].info["file"])
 
     # Real image sets.
@@ -543,13 +547,16 @@ def run_study(study: StudyConfig, cache_dir: Path, device: torch.device) -> Stud
         labels[name] = hold_y.numpy()
     from mvar.train_vae import reconstruction_report
 
-    vae_report = reconstruction_report(vae, study.split("holdout"))
+    # The same uint8 held-out images the reconstruction FID uses.
+    vae_report = reconstruction_report(vae, hold_x.float().div(127.5).sub(1))
+    images = {"real-holdout": hold_x}
 
     # Samples of every model.
     for name in MODELS:
         arts[f"samples-{name}"] = st.samples(name, arts[name], arts["vae"])
         folder = arts[f"samples-{name}"].path / arts[f"samples-{name}"].info["folder"]
-        feats[name] = ev.extract(clf, _batches(folder_uint8(folder)), f"{name} samples")
+        images[name] = folder_uint8(folder)
+        feats[name] = ev.extract(clf, _batches(images[name]), f"{name} samples")
         labels[name] = np.repeat(np.arange(study.num_classes), study.per_class)
 
     scores = {n: score_set(n, feats[n], labels[n], feats["reference"], study)
@@ -563,14 +570,14 @@ def run_study(study: StudyConfig, cache_dir: Path, device: torch.device) -> Stud
     compute: dict[str, dict[str, Any]] = {}
     train_seconds: dict[str, float] = {}
     for name in ("var-tiny", "mvar-tiny", "mvar-tiny-scale-markov"):
-        model = st.load_model(name, arts[name])
+        model = load_model(name, arts[name], device)
         compute[name] = measure_compute(name, model, vae, tokens, study, device)
         train_seconds[name] = train_step_seconds(history_rows(arts[name].path), model.config)
         compute[name]["train_step_time"] = train_seconds[name]
     backends = {name: str(arts[f"samples-{name}"].info["na_backend"]) for name in MODELS}
     return StudyResult(study, scores, float(arts["evaluator"].info["heldout_accuracy"]), compute,
                        train_seconds, arts, vae_report, feats, time.perf_counter() - t_start,
-                       device, backends)  # fmt: skip
+                       device, backends, images)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -110,18 +110,15 @@ def _grid_png(img01_B3HW: torch.Tensor, nrow: int, path: Path, scale: int = 3) -
 
 
 def sample_grids(r: StudyResult, figs: Path, per_class: int = 8) -> dict[str, Path]:
-    from repro.embedded import MODELS, folder_uint8
+    from repro.embedded import MODELS
 
     out = {}
     k = min(per_class, r.study.per_class)
     for name in MODELS:
-        art = r.artifacts[f"samples-{name}"]
-        x = folder_uint8(art.path / art.info["folder"]).float() / 255
+        x = r.images[name].float() / 255
         rows = [x[c * r.study.per_class : c * r.study.per_class + k] for c in range(r.study.num_classes)]
         out[name] = _grid_png(torch.cat(rows), k, figs / f"samples_{name}.png")
-    from mvar import evaluator as ev
-
-    real, _ = ev.dataset_uint8(r.study.split("holdout"))
+    real = r.images["real-holdout"]
     order = torch.cat([torch.nonzero(torch.arange(len(real)) % r.study.num_classes == c)[:k, 0]
                        for c in range(r.study.num_classes)])  # fmt: skip
     out["real"] = _grid_png(real[order].float() / 255, k, figs / "samples_real.png")
@@ -133,14 +130,13 @@ def progression_figure(r: StudyResult, figs: Path) -> Path:
     """Per-scale progression of one sample per class, VAR-tiny and MVAR-tiny (rows), the
     image decoded after each of the ten scales (columns)."""
     from mvar.visualize import progression
-    from repro.embedded import Stages
+    from repro.embedded import load_model, load_vae
 
-    st = Stages(None, r.study, r.device)  # type: ignore[arg-type]
-    vae = st.load_vae(r.artifacts["vae"])
+    vae = load_vae(r.artifacts["vae"], r.device)
     s = r.study.sampling()
     strips = []
     for name in ("var-tiny", "mvar-tiny"):
-        model = st.load_model(name, r.artifacts[name])
+        model = load_model(name, r.artifacts[name], r.device)
         labels = torch.arange(min(4, r.study.num_classes))
         out = model.sample(vae, labels, cfg=s.cfg, top_k=s.top_k, top_p=s.top_p, g_seed=r.study.seed)
         frames = progression(vae, out.idx_Bl)  # (S, B, 3, H, W)
@@ -169,9 +165,8 @@ def loss_curves(r: StudyResult, figs: Path) -> Path:
                 title="transformers (MVAR: loss of the chunk trained)")  # fmt: skip
     axes[0].legend(fontsize=8)
     vh = history_rows(r.artifacts["vae"].path)
-    key = "loss" if "loss" in vh[0] else list(vh[0])[1]
-    axes[1].plot([int(h["step"]) for h in vh], [float(h[key]) for h in vh])
-    axes[1].set(xlabel="iteration", ylabel=key, title="tokenizer", yscale="log")
+    axes[1].plot([int(h["step"]) for h in vh], [float(h["loss"]) for h in vh])
+    axes[1].set(xlabel="iteration", ylabel="loss", title="tokenizer", yscale="log")
     fig.tight_layout()
     return save_figure(fig, figs / "loss_curves.png")
 
