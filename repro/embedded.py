@@ -594,14 +594,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> StudyResult:
-    args = build_parser().parse_args(argv)
+    p = build_parser()
+    args = p.parse_args(argv)
+    for flag, path in (("--cache-dir", args.cache_dir), ("--out", args.out)):
+        if Path(path).exists() and not Path(path).is_dir():  # before any work, one line
+            p.error(f"{flag} {path} exists and is not a directory")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from repro.embedded_report import write_report
 
     try:
         result = run_study(get_study(args.study), Path(args.cache_dir), torch.device(args.device))
         write_report(result, Path(args.out))
-    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
+    except (ValueError, OSError, KeyError, RuntimeError) as e:
         if args.debug:
             raise
         sys.exit(f"error: {e}")

@@ -54,6 +54,7 @@ from mvar.generate import (
 from mvar.io import atomic_write_json
 from mvar.metrics import REFERENCE_ENV, REFERENCE_URL
 from repro import paper
+from repro.embedded import STUDIES
 from repro.report import (
     ResultRow,
     capture_environment,
@@ -317,8 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--embedded", action="store_true",
                    help="also run the embedded study (repro.embedded) into <out-dir>/embedded")
-    p.add_argument("--study", default="default",
-                   help="embedded study preset: default (<= 10 min on 2 cores) or long")
+    p.add_argument("--study", default="default", choices=sorted(STUDIES),
+                   help="embedded study preset: default (<= 10 min on 2 cores), long, or "
+                   "miniature (seconds, for tests)")  # fmt: skip
     p.add_argument("--cache-dir", default=os.environ.get("MVAR_CACHE_DIR", "outputs/cache"),
                    help="embedded: content-keyed artifact cache (default $MVAR_CACHE_DIR or "
                    "%(default)s)")  # fmt: skip
@@ -339,7 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.embedded and Path(args.cache_dir).exists() and not Path(args.cache_dir).is_dir():
+        parser.error(f"--cache-dir {args.cache_dir} exists and is not a directory")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     _paper_values_present()
     study = None
