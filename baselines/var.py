@@ -44,7 +44,7 @@ class KVCache:
 
 
 class VAR(ScaleARTransformer):
-    CFG_ONE_RUNS_UNCONDITIONAL = True  # the official VAR sampler ramps guidance even at cfg 1
+    GUIDANCE_ONE_RUNS_UNCONDITIONAL = True  # the official VAR sampler ramps guidance even at 1.0
 
     def __init__(self, cfg: ModelConfig) -> None:
         if cfg.arch != "var":

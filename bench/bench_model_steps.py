@@ -55,7 +55,7 @@ def test_sample(benchmark, vae: torch.nn.Module, preset: str) -> None:
     _info(benchmark, preset, "sample")
 
     def run() -> None:
-        model.sample(vae, label, cfg=1.5, top_k=100, top_p=0.9, g_seed=0, decode=False)
+        model.sample(vae, label, guidance=1.5, top_k=100, top_p=0.9, g_seed=0, decode=False)
 
     benchmark.pedantic(run, rounds=5, warmup_rounds=1)
 

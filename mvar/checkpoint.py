@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from mvar.build import build_model, build_vqvae
-from mvar.config import CHECKPOINT_PRESETS, ModelConfig, VQVAEConfig, get_preset
+from mvar.config import CHECKPOINT_PRESETS, RELEASES, ModelConfig, VQVAEConfig, get_preset
 from mvar.io import UnsafeOrUnreadableFile, safe_torch_load
 from mvar.statedict import state_dict_mismatch
 from mvar.vqvae import VQVAE, load_vqvae_state_dict
@@ -36,12 +36,8 @@ VAR_HUB = "https://huggingface.co/FoundationVision/var/resolve/main/"
 MVAR_HUB = "https://huggingface.co/CVLUESTC/MVAR/resolve/main/"
 #: The official VQ-VAE file (docs/var.md §1).
 VAE_FILE = "vae_ch160v4096z32.pth"
-#: The file of each released transformer checkpoint, by its name (``mvar.config.CHECKPOINT_PRESETS``).
-CHECKPOINT_FILES: dict[str, str] = {
-    **{f"var-d{d}": f"var_d{d}.pth" for d in (16, 20, 24, 30)},
-    "mvar-d16": "mvar-d16.pth",
-    **{f"mvar-finetune-d{d}": f"mvar-finetune-d{d}.pth" for d in (16, 20, 24)},
-}
+#: The file of each released transformer checkpoint, by its name (a view of ``mvar.config.RELEASES``).
+CHECKPOINT_FILES: dict[str, str] = {n: r.file for n, r in RELEASES.items()}
 #: Where each official file comes from: the one registry of files and addresses.
 DOWNLOADS: dict[str, str] = {
     VAE_FILE: VAR_HUB + VAE_FILE,

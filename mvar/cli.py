@@ -96,7 +96,7 @@ def _quiet_broken_pipe() -> None:
 
 
 def _presets(argv: list[str]) -> None:
-    from mvar.config import PRESETS, SAMPLING_PRESETS, VAE_PRESETS
+    from mvar.config import PRESETS, RELEASES, VAE_PRESETS
 
     for name, cfg in sorted(PRESETS.items()):
         na = f" NA k={cfg.kernel_size} on scales>={cfg.refine_step}" if cfg.arch == "mvar" and cfg.spatial_markov else ""
@@ -106,9 +106,11 @@ def _presets(argv: list[str]) -> None:
     for name, v in VAE_PRESETS.items():
         sys.stdout.write(f"{name:24s} {v.image_size} px, V {v.vocab_size}, Cvae {v.Cvae}, "
                          f"ch {v.ch}x{v.ch_mult}, scales {v.patch_nums}\n")  # fmt: skip
-    sys.stdout.write("\nreleased checkpoints (cfg / top_k / top_p):\n")
-    for name, s in SAMPLING_PRESETS.items():
-        sys.stdout.write(f"{name:24s} {s.cfg} / {s.top_k} / {s.top_p}\n")
+    sys.stdout.write("\nreleased checkpoints: file, architecture, guidance / top_k / top_p\n")
+    for name, r in RELEASES.items():
+        s = r.sampling
+        sys.stdout.write(f"{name:24s} {r.file:24s} {r.preset:10s} {s.guidance} / {s.top_k} / "
+                         f"{s.top_p}  {r.description}\n")  # fmt: skip
     sys.stdout.flush()
 
 

@@ -151,7 +151,7 @@ class ModelConfig:
 class SamplingConfig:
     """Sampling settings. ``top_k=0`` and ``top_p=0`` mean off (official semantics)."""
 
-    cfg: float = 1.5
+    guidance: float = 1.5  # classifier-free guidance scale (the official keyword is ``cfg``)
     top_k: int = 900
     top_p: float = 0.96
     more_smooth: bool = False  # pictures only, never for FID (docs/var.md §3)
@@ -227,43 +227,54 @@ VAE_PRESETS: dict[str, VQVAEConfig] = {
     ),
 }
 
-# Sampling settings per released checkpoint (docs/mvar.md §5, docs/var.md §3.6).
-SAMPLING_PRESETS: dict[str, SamplingConfig] = {
-    "var-d16": SamplingConfig(1.5, 900, 0.96),
-    "var-d20": SamplingConfig(1.5, 900, 0.96),
-    "var-d24": SamplingConfig(1.5, 900, 0.96),
-    "var-d30": SamplingConfig(1.5, 900, 0.96),
-    "mvar-d16": SamplingConfig(2.7, 1200, 0.99),  # mvar-d16.pth, trained from scratch
-    "mvar-finetune-d16": SamplingConfig(2.0, 1200, 0.99),
-    "mvar-finetune-d20": SamplingConfig(1.5, 900, 0.96),
-    "mvar-finetune-d24": SamplingConfig(1.4, 900, 0.96),
-}
+@dataclass(frozen=True)
+class Release:
+    """One released transformer checkpoint: the one registry every command and report reads.
+
+    Names say one thing each: ``preset`` is an architecture (``mvar-d16``), ``name`` a set of
+    released weights. MVAR released two d16 weights, so the from-scratch one is called
+    ``mvar-scratch-d16`` here (its file is still the official ``mvar-d16.pth``) and the
+    fine-tuned one ``mvar-finetune-d16`` (MVAR-d16† of the paper's Table 2).
+    """
+
+    name: str
+    file: str  # the official file name (download addresses: ``mvar.checkpoint.DOWNLOADS``)
+    preset: str  # the architecture (a key of ``PRESETS``)
+    sampling: SamplingConfig  # the official sampling settings (docs/mvar.md §5, docs/var.md §3.6)
+    description: str
 
 
-def sampling_for(model: str, cfg: float | None, top_k: int | None, top_p: float | None,
+def _releases() -> dict[str, Release]:
+    var = SamplingConfig(1.5, 900, 0.96)  # FoundationVision/VAR README, every depth
+    out = [Release(f"var-d{d}", f"var_d{d}.pth", f"var-d{d}", var, f"VAR-d{d}, official weights")
+           for d in (16, 20, 24, 30)]  # fmt: skip
+    out.append(Release("mvar-scratch-d16", "mvar-d16.pth", "mvar-d16", SamplingConfig(2.7, 1200, 0.99),
+                       "MVAR-d16 trained from scratch (the paper's Table 1 row)"))  # fmt: skip
+    for d, s in ((16, SamplingConfig(2.0, 1200, 0.99)), (20, SamplingConfig(1.5, 900, 0.96)),
+                 (24, SamplingConfig(1.4, 900, 0.96))):  # fmt: skip
+        out.append(Release(f"mvar-finetune-d{d}", f"mvar-finetune-d{d}.pth", f"mvar-d{d}", s,
+                           f"MVAR-d{d}† fine-tuned from VAR-d{d} (the paper's Table 2)"))  # fmt: skip
+    return {r.name: r for r in out}
+
+
+RELEASES: dict[str, Release] = _releases()
+#: Views of :data:`RELEASES` (not second definitions): official sampling settings and the
+#: architecture preset of each released checkpoint name.
+SAMPLING_PRESETS: dict[str, SamplingConfig] = {n: r.sampling for n, r in RELEASES.items()}
+CHECKPOINT_PRESETS: dict[str, str] = {n: r.preset for n, r in RELEASES.items()}
+
+
+def sampling_for(model: str, guidance: float | None, top_k: int | None, top_p: float | None,
                  more_smooth: bool = False) -> SamplingConfig:  # fmt: skip
     """Official settings for a released checkpoint name, else VAR's FID defaults (docs/var.md §3);
     explicit values override either."""
     base = SAMPLING_PRESETS.get(model, SamplingConfig())
     return SamplingConfig(
-        cfg=base.cfg if cfg is None else cfg,
+        guidance=base.guidance if guidance is None else guidance,
         top_k=base.top_k if top_k is None else top_k,
         top_p=base.top_p if top_p is None else top_p,
         more_smooth=more_smooth,
     )
-
-
-# Which model preset each released checkpoint name uses.
-CHECKPOINT_PRESETS: dict[str, str] = {
-    "var-d16": "var-d16",
-    "var-d20": "var-d20",
-    "var-d24": "var-d24",
-    "var-d30": "var-d30",
-    "mvar-d16": "mvar-d16",
-    "mvar-finetune-d16": "mvar-d16",
-    "mvar-finetune-d20": "mvar-d20",
-    "mvar-finetune-d24": "mvar-d24",
-}
 
 
 def _unknown(kind: str, name: str, valid: object) -> KeyError:

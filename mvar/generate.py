@@ -11,7 +11,7 @@ Protocol (docs/evaluation.md §1, docs/mvar.md §5), as code:
 - Image i is ``{i:06d}.png`` (lossless). Each PNG is written to a temporary name and renamed,
   so a file that exists is complete; a batch whose PNGs all exist is skipped, so an
   interrupted run is resumed by running the same command again and ends with the same files.
-- The folder name encodes every setting that changes pixels (model, checkpoint stem, cfg,
+- The folder name encodes every setting that changes pixels (model, checkpoint stem, guidance,
   top_k, top_p, more_smooth, seed and seed mode, classes, per class, batch size, uint8
   conversion, dtype); ``settings.json`` inside records them, and a folder whose
   ``settings.json`` disagrees is refused.
@@ -47,7 +47,7 @@ import torch
 from PIL import Image
 
 from mvar import dist
-from mvar.config import CHECKPOINT_PRESETS, SamplingConfig, sampling_for
+from mvar.config import CHECKPOINT_PRESETS, RELEASES, SamplingConfig, sampling_for
 from mvar.io import atomic_path, atomic_write_json, progress, remove_stale_temps
 from mvar.sampling import check_class_labels, check_sampling_settings
 
@@ -83,7 +83,7 @@ class Sampler(Protocol):
 class GenerationSettings:
     model: str  # preset or released-checkpoint name
     checkpoint: str  # checkpoint file stem; "random-init" without one
-    cfg: float
+    guidance: float
     top_k: int
     top_p: float
     more_smooth: bool = False
@@ -117,7 +117,7 @@ class GenerationSettings:
         object.__setattr__(self, "classes", tuple(int(c) for c in self.classes))
         if min(self.classes) < 0:
             raise ValueError(f"class {min(self.classes)} is out of range: class ids are >= 0")
-        check_sampling_settings(self.cfg, self.top_k, self.top_p)
+        check_sampling_settings(self.guidance, self.top_k, self.top_p)
 
     @property
     def num_images(self) -> int:
@@ -156,7 +156,7 @@ class GenerationSettings:
             self.model,
             ckpt,
             vae,
-            f"cfg{self.cfg:g}",
+            f"guidance{self.guidance:g}",
             f"topk{self.top_k}",
             f"topp{self.top_p:g}",
             f"smooth{int(self.more_smooth)}",
@@ -476,7 +476,7 @@ class ModelSampler:
             torch.autocast(device_type, dtype=self.dtype, enabled=self.dtype != torch.float32),
         ):
             out = self.model.sample(
-                self.vae, label_B, cfg=s.cfg, top_k=s.top_k, top_p=s.top_p, g_seed=g_seed,
+                self.vae, label_B, guidance=s.guidance, top_k=s.top_k, top_p=s.top_p, g_seed=g_seed,
                 more_smooth=s.more_smooth,
             )  # fmt: skip
         return out.img01.float()
@@ -570,7 +570,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="outputs/samples", help="parent of the sample folder")
     p.add_argument("--overwrite", action="store_true",
                    help="discard samples in the folder made with other settings (default: refuse)")  # fmt: skip
-    p.add_argument("--cfg", type=float, help="guidance >= 0 (default: the checkpoint's official)")
+    p.add_argument("--guidance", "--cfg", dest="guidance", type=float,
+                   help="classifier-free guidance scale >= 0 (--cfg is the official code's name; "
+                        "default: the checkpoint's official setting)")
     p.add_argument("--top-k", type=int, help="integer >= 0, 0 = off; above the vocabulary it is "
                    "clamped to the vocabulary size (keeps every token)")  # fmt: skip
     p.add_argument("--top-p", type=float, help="in [0, 1], 0 = off")
@@ -602,8 +604,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     setup_logging()
     # Every input checked before a model is built or a file written.
     mcfg = get_preset(CHECKPOINT_PRESETS.get(args.model, args.model))
-    sampling = sampling_for(args.model, args.cfg, args.top_k, args.top_p, args.more_smooth)
-    check_sampling_settings(sampling.cfg, sampling.top_k, sampling.top_p)
+    sampling = sampling_for(args.model, args.guidance, args.top_k, args.top_p, args.more_smooth)
+    check_sampling_settings(sampling.guidance, sampling.top_k, sampling.top_p)
     classes = _parse_classes(args.classes, args.num_classes or mcfg.num_classes)
     check_class_labels(list(classes), mcfg.num_classes)
     if args.per_class < 1 or args.batch_size < 1:
@@ -620,12 +622,15 @@ def main(argv: Sequence[str] | None = None) -> Path:
     try:
         device = torch.device(args.device) if args.device else dist.default_device()
         if args.model not in CHECKPOINT_PRESETS and args.ckpt:
-            log.info("%s is not a released checkpoint name: sampling %s", args.model, sampling)
+            releases = [n for n, r in RELEASES.items() if r.preset == args.model]
+            log.info("%s is an architecture, not a released checkpoint name: sampling %s%s",
+                     args.model, sampling, f" (the official settings of its releases: --model "
+                     f"{' or '.join(releases)})" if releases else "")  # fmt: skip
         sampler = build_sampler(args.model, args.ckpt, args.vae_ckpt, sampling, device,
                                 args.dtype, args.na_backend)  # fmt: skip
         settings = GenerationSettings(
             model=args.model,
-            cfg=sampling.cfg,
+            guidance=sampling.guidance,
             top_k=sampling.top_k,
             top_p=sampling.top_p,
             more_smooth=sampling.more_smooth,

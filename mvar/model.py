@@ -32,7 +32,7 @@ from mvar.sampling import ScaleStep
 
 
 class MVAR(ScaleARTransformer):
-    CFG_ONE_RUNS_UNCONDITIONAL = False  # the official MVAR sampler skips guidance at cfg 1
+    GUIDANCE_ONE_RUNS_UNCONDITIONAL = False  # the official MVAR sampler skips guidance at 1.0
 
     def __init__(self, cfg: ModelConfig, na_backend: str | None = None) -> None:
         if cfg.arch != "mvar":

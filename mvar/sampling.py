@@ -2,15 +2,16 @@
 
 The loop is the same for both models; what differs is how one scale's hidden states are
 computed (``ScaleStep``: VAR through its KV cache, MVAR as an independent forward) and what
-``cfg == 1.0`` means:
+a classifier-free guidance scale ``guidance == 1.0`` means:
 
 * VAR always runs the conditional and the unconditional half and mixes
-  ``(1 + t)·cond − t·uncond`` with ``t = cfg · si / (S − 1)``: guidance ramps up even at cfg 1.
-* MVAR runs the conditional rows only, with no guidance at all, when ``cfg == 1.0``.
+  ``(1 + t)·cond − t·uncond`` with ``t = guidance · si / (S − 1)``: guidance ramps up even at 1.
+* MVAR runs the conditional rows only, with no guidance at all, when ``guidance == 1.0``.
 
 The official samplers behave this way and the parity fixtures encode it, so each model keeps
-its own rule, declared by ``CFG_ONE_RUNS_UNCONDITIONAL`` on the model class and recorded as
-``SampleOutput.guided``.
+its own rule, declared by ``GUIDANCE_ONE_RUNS_UNCONDITIONAL`` on the model class and recorded
+as ``SampleOutput.guided``. (The official code calls the guidance scale ``cfg``; here ``cfg``
+means a config object everywhere, and ``sample`` accepts ``cfg=`` only as an alias.)
 
 Random numbers follow the official code exactly, so sampled tokens match token for token on the
 CPU: a generator on the model's device reseeded with ``g_seed`` at the start of each call; per
@@ -50,20 +51,21 @@ _clamp_logged: set[tuple[int, int]] = set()
 
 
 def check_sampling_settings(
-    cfg: float, top_k: int, top_p: float, vocab_size: int | None = None
+    guidance: float, top_k: int, top_p: float, vocab_size: int | None = None
 ) -> int:
     """Validate sampling settings in one place (the sampler and the command lines call it);
     returns the effective top_k. Raises ValueError with one line saying what is allowed.
 
-    - ``cfg``: a finite number >= 0 (0 = no guidance mixing; 1 = VAR's default ramp).
+    - ``guidance``: a finite number >= 0 (0 = no guidance mixing; 1 = VAR's default ramp).
     - ``top_k``: an integer >= 0, 0 = off. A ``top_k`` at or above the vocabulary keeps every
       token, i.e. it filters nothing: it is *clamped* to the vocabulary size with one INFO line
       (not an error, so that the official settings, top_k 900/1200, run on the tiny models'
       512-token codebook too).
     - ``top_p``: a number in [0, 1], 0 = off (NaN is refused: it would silently mean off).
     """
-    if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not math.isfinite(cfg) or cfg < 0:
-        raise ValueError(f"cfg (guidance) must be a finite number >= 0, got {cfg!r}")
+    g = guidance
+    if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0:
+        raise ValueError(f"guidance (cfg) must be a finite number >= 0, got {g!r}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
     if (
@@ -134,9 +136,9 @@ def make_generator(device: torch.device, g_seed: int | None) -> torch.Generator 
     return rng
 
 
-def guidance_weight(cfg: float, si: int, num_scales: int) -> float:
-    """t = cfg · si / (S − 1): 0 at the first scale, cfg at the last (linear ramp)."""
-    return cfg * si / (num_scales - 1) if num_scales > 1 else cfg
+def guidance_weight(guidance: float, si: int, num_scales: int) -> float:
+    """t = guidance · si / (S − 1): 0 at the first scale, ``guidance`` at the last (linear ramp)."""
+    return guidance * si / (num_scales - 1) if num_scales > 1 else guidance
 
 
 @torch.no_grad()
@@ -147,7 +149,7 @@ def sample_scales(
     step: ScaleStep,
     *,
     guided: bool,
-    cfg: float,
+    guidance: float,
     top_k: int,
     top_p: float,
     g_seed: int | None,
@@ -156,7 +158,7 @@ def sample_scales(
     record_logits: bool,
 ) -> SampleOutput:
     """The next-scale loop. ``model`` is a ``ScaleARTransformer``; ``vae`` a ``VQVAE``."""
-    top_k = check_sampling_settings(cfg, top_k, top_p, model.V)
+    top_k = check_sampling_settings(guidance, top_k, top_p, model.V)
     check_class_labels(label_B, model.num_classes)
     B = label_B.shape[0]
     S = len(model.patch_nums)
@@ -177,7 +179,7 @@ def sample_scales(
         h_BlC = step(si, x_BlC, cond_BD)
         logits_BlV = model.get_logits(h_BlC, cond_BD)
         if guided:
-            t = guidance_weight(cfg, si, S)
+            t = guidance_weight(guidance, si, S)
             logits_BlV = (1 + t) * logits_BlV[:B] - t * logits_BlV[B:]
         if record_logits:
             logits_per_scale.append(logits_BlV.clone())

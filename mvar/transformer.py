@@ -36,9 +36,9 @@ class ScaleARTransformer(nn.Module):
     forcing) and ``sampling_step`` (one scale's forward while sampling).
     """
 
-    #: Whether ``cfg == 1.0`` still runs the unconditional half (VAR) or disables guidance
+    #: Whether ``guidance == 1.0`` still runs the unconditional half (VAR) or disables guidance
     #: altogether (MVAR). The official samplers differ here; see ``mvar.sampling``.
-    CFG_ONE_RUNS_UNCONDITIONAL: bool = True
+    GUIDANCE_ONE_RUNS_UNCONDITIONAL: bool = True
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -163,7 +163,8 @@ class ScaleARTransformer(nn.Module):
         vae: nn.Module,
         label_B: Tensor,
         *,
-        cfg: float = 1.5,
+        guidance: float | None = None,
+        cfg: float | None = None,
         top_k: int = 0,
         top_p: float = 0.0,
         g_seed: int | None = None,
@@ -171,14 +172,20 @@ class ScaleARTransformer(nn.Module):
         decode: bool = True,
         record_logits: bool = False,
     ) -> SampleOutput:
-        """Sample B images of classes ``label_B`` (docs/var.md §3, docs/mvar.md §5). At ``cfg == 1.0``
-        the unconditional half still runs when ``CFG_ONE_RUNS_UNCONDITIONAL`` (VAR); otherwise
+        """Sample B images of classes ``label_B`` (docs/var.md §3, docs/mvar.md §5).
+
+        ``guidance`` is the classifier-free guidance scale (default 1.5); ``cfg=`` is accepted as an alias, the
+        official samplers' keyword (giving both is an error). At ``guidance == 1.0`` the
+        unconditional half still runs when ``GUIDANCE_ONE_RUNS_UNCONDITIONAL`` (VAR); otherwise
         only the conditional rows run, with no guidance (MVAR), as in the official samplers."""
+        if guidance is not None and cfg is not None:
+            raise ValueError("give the guidance scale once: guidance= or its alias cfg=")
+        guidance = guidance if guidance is not None else cfg if cfg is not None else 1.5
         step, kv_cache_bytes = self.sampling_step()
         out = sample_scales(
             self, vae, label_B, step,
-            guided=self.CFG_ONE_RUNS_UNCONDITIONAL or cfg != 1.0,
-            cfg=cfg, top_k=top_k, top_p=top_p, g_seed=g_seed, more_smooth=more_smooth,
+            guided=self.GUIDANCE_ONE_RUNS_UNCONDITIONAL or guidance != 1.0,
+            guidance=guidance, top_k=top_k, top_p=top_p, g_seed=g_seed, more_smooth=more_smooth,
             decode=decode, record_logits=record_logits,
         )  # fmt: skip
         out.kv_cache_bytes = kv_cache_bytes()

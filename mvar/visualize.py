@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae-ckpt", default=None, help="VQ-VAE checkpoint (vae_ch160v4096z32.pth)")
     p.add_argument("--classes", default="1,2,3,4,5,6,7,8", help="comma-separated class ids")
     p.add_argument("--per-class", type=int, default=1)
-    p.add_argument("--cfg", type=float, default=None)
+    p.add_argument("--guidance", "--cfg", dest="guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: the checkpoint's official)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -81,17 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> list[Path]:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    sampling = sampling_for(args.model, args.cfg, args.top_k, args.top_p, args.more_smooth)
-    cfg, top_k, top_p = sampling.cfg, sampling.top_k, sampling.top_p
+    sampling = sampling_for(args.model, args.guidance, args.top_k, args.top_p, args.more_smooth)
+    guidance, top_k, top_p = sampling.guidance, sampling.top_k, sampling.top_p
     vae, model = load_pretrained(args.model, args.ckpt, args.vae_ckpt, device=args.device,
                                  seed=args.seed)  # fmt: skip
     classes = [int(c) for c in args.classes.split(",") if c.strip()]
     label = torch.tensor(classes, device=args.device).repeat_interleave(args.per_class)
-    out = model.sample(vae, label, cfg=cfg, top_k=top_k, top_p=top_p, g_seed=args.seed,
+    out = model.sample(vae, label, guidance=guidance, top_k=top_k, top_p=top_p, g_seed=args.seed,
                        more_smooth=args.more_smooth)  # fmt: skip
     assert out.img01 is not None
     outdir = Path(args.out)
-    tag = f"{args.model}_cfg{cfg:g}_k{top_k}_p{top_p:g}_seed{args.seed}"
+    tag = f"{args.model}_guidance{guidance:g}_k{top_k}_p{top_p:g}_seed{args.seed}"
     paths = [save_png(to_uint8_grid(out.img01, nrow=min(len(label), 8)), outdir / f"{tag}_grid.png")]
     frames = progression(vae, out.idx_Bl)  # (S, B, 3, H, W)
     S, B = frames.shape[:2]

@@ -65,7 +65,7 @@ class SamplingCount:
     macs: AttentionMacs
     kv_cache_bytes: int
     batch: int
-    cfg: float
+    guidance: float
     rows: int  # 2·batch with guidance, batch without
 
 
@@ -73,7 +73,7 @@ def count_sampling(
     cfg: ModelConfig | str,
     *,
     batch: int = 1,
-    guidance: float = FID_SAMPLING.cfg,
+    guidance: float = FID_SAMPLING.guidance,
     top_k: int = FID_SAMPLING.top_k,
     top_p: float = FID_SAMPLING.top_p,
     models: FakeModels | None = None,
@@ -87,7 +87,7 @@ def count_sampling(
         labels = labels_for(batch)
         with AttentionCounter(m.model) as counter:
             out = m.model.sample(
-                m.vae, labels, cfg=guidance, top_k=top_k, top_p=top_p, g_seed=0, decode=False
+                m.vae, labels, guidance=guidance, top_k=top_k, top_p=top_p, g_seed=0, decode=False
             )
     return SamplingCount(
         counter.result(), int(out.kv_cache_bytes), batch, guidance,
@@ -121,7 +121,7 @@ def estimate_inference_memory(
     cfg: ModelConfig | str,
     batch: int,
     *,
-    guidance: float = FID_SAMPLING.cfg,
+    guidance: float = FID_SAMPLING.guidance,
     top_k: int = FID_SAMPLING.top_k,
     top_p: float = FID_SAMPLING.top_p,
     decode: bool = True,
@@ -158,7 +158,7 @@ def estimate_inference_memory(
         labels = labels_for(batch)
         with tracker.phase("tokens"):
             out = m.model.sample(
-                m.vae, labels, cfg=guidance, top_k=top_k, top_p=top_p, g_seed=0, decode=False
+                m.vae, labels, guidance=guidance, top_k=top_k, top_p=top_p, g_seed=0, decode=False
             )
         kv = int(out.kv_cache_bytes)
         fhat = out.fhat
@@ -182,7 +182,7 @@ def measure_inference_cuda(
     batch: int,
     *,
     device: torch.device | str = "cuda",
-    guidance: float = FID_SAMPLING.cfg,
+    guidance: float = FID_SAMPLING.guidance,
     top_k: int = FID_SAMPLING.top_k,
     top_p: float = FID_SAMPLING.top_p,
     autocast_dtype: torch.dtype | None = None,
@@ -196,7 +196,7 @@ def measure_inference_cuda(
         raise RuntimeError("measure_inference_cuda needs a CUDA device")
     model, vae, labels = _real_models(cfg, batch, device)
     amp = _autocast(device, autocast_dtype)
-    kw = {"cfg": guidance, "top_k": top_k, "top_p": top_p, "g_seed": 0}
+    kw = {"guidance": guidance, "top_k": top_k, "top_p": top_p, "g_seed": 0}
     out: dict[str, CudaMemory] = {}
     with torch.no_grad(), amp:
         model.sample(vae, labels, decode=False, **kw)  # warm-up: kernels, workspaces
@@ -417,7 +417,7 @@ def time_sampling(
     batch: int,
     *,
     device: torch.device | str = "cpu",
-    guidance: float = FID_SAMPLING.cfg,
+    guidance: float = FID_SAMPLING.guidance,
     top_k: int = FID_SAMPLING.top_k,
     top_p: float = FID_SAMPLING.top_p,
     decode: bool = False,
@@ -434,7 +434,7 @@ def time_sampling(
     def run() -> None:
         with torch.no_grad(), amp:
             model.sample(
-                vae, labels, cfg=guidance, top_k=top_k, top_p=top_p, g_seed=0, decode=decode
+                vae, labels, guidance=guidance, top_k=top_k, top_p=top_p, g_seed=0, decode=decode
             )
 
     return time_call(run, device=device, warmup=warmup, repeats=repeats)

@@ -155,7 +155,7 @@ class StudyConfig:
         return Subset(self.data(), self.split_range(name))
 
     def sampling(self) -> SamplingConfig:
-        return SamplingConfig(cfg=self.guidance, top_k=self.top_k, top_p=self.top_p)
+        return SamplingConfig(guidance=self.guidance, top_k=self.top_k, top_p=self.top_p)
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -306,7 +306,7 @@ class Stages:
                                 vae_art.path / vae_art.info["file"], s.sampling(),
                                 device=self.device)  # fmt: skip
         settings = GenerationSettings(
-            model=name, cfg=s.guidance, top_k=s.top_k, top_p=s.top_p, seed=s.seed,
+            model=name, guidance=s.guidance, top_k=s.top_k, top_p=s.top_p, seed=s.seed,
             per_class=s.per_class, classes=tuple(range(s.num_classes)), batch_size=s.sample_batch,
             code_version=code_version(), **sampler.provenance,  # type: ignore[arg-type]
         )  # fmt: skip
@@ -446,7 +446,7 @@ def measure_compute(name: str, model: torch.nn.Module, vae: torch.nn.Module, tok
 
     s, B = study.sampling(), study.latency_batch
     labels = torch.arange(B, device=device) % study.num_classes
-    kw = dict(cfg=s.cfg, top_k=s.top_k, top_p=s.top_p, g_seed=study.seed)
+    kw = dict(guidance=s.guidance, top_k=s.top_k, top_p=s.top_p, g_seed=study.seed)
     out: dict[str, Any] = {"na_backend": _na_backend(model, device)}
     # Token generation: peak of live tensor bytes (weights of both networks included), exact
     # bytes of every storage the dispatcher creates while the real sampler runs.

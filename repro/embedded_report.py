@@ -138,7 +138,7 @@ def progression_figure(r: StudyResult, figs: Path) -> Path:
     for name in ("var-tiny", "mvar-tiny"):
         model = load_model(name, r.artifacts[name], r.device)
         labels = torch.arange(min(4, r.study.num_classes))
-        out = model.sample(vae, labels, cfg=s.cfg, top_k=s.top_k, top_p=s.top_p, g_seed=r.study.seed)
+        out = model.sample(vae, labels, guidance=s.guidance, top_k=s.top_k, top_p=s.top_p, g_seed=r.study.seed)
         frames = progression(vae, out.idx_Bl)  # (S, B, 3, H, W)
         strips.append(frames.permute(1, 0, 2, 3, 4).reshape(-1, *frames.shape[2:]))
     return _grid_png(torch.cat(strips), len(vae.cfg.patch_nums), figs / "progression.png")

@@ -343,7 +343,7 @@ def tiny_parity(preset: str, device: torch.device | str, *, batch: int = 4, seed
         tf_ok = TEACHER_FORCING_TOL.ok(got, want)
 
         guidance, top_k, top_p = 1.5, 100, 0.96
-        out = dev_model.sample(dev_vae, labels.to(device), cfg=guidance, top_k=top_k,
+        out = dev_model.sample(dev_vae, labels.to(device), guidance=guidance, top_k=top_k,
                                top_p=top_p, g_seed=seed, decode=False, record_logits=True)  # fmt: skip
         tokens = [t.cpu() for t in out.idx_Bl]
         x2 = cpu_vae.idx_to_teacher_input(tokens)
@@ -357,7 +357,7 @@ def tiny_parity(preset: str, device: torch.device | str, *, batch: int = 4, seed
             dev_logits = out.guided_logits[si].cpu()
             s_err = max(s_err, float((dev_logits - ref).abs().max()))
             s_ok &= SAMPLER_TOL.ok(dev_logits, ref)
-    cpu_out = cpu_model.sample(cpu_vae, labels, cfg=guidance, top_k=top_k, top_p=top_p,
+    cpu_out = cpu_model.sample(cpu_vae, labels, guidance=guidance, top_k=top_k, top_p=top_p,
                                g_seed=seed, decode=False)  # fmt: skip
     same = sum(int((a == b.cpu()).sum()) for a, b in zip(cpu_out.idx_Bl, tokens))
     total = sum(a.numel() for a in tokens)
@@ -530,7 +530,7 @@ def sample_check(model: str, preset: str, dtype_label: str, opts: PlanOptions) -
     B = opts.batch
     P = {m: _p(TABLE2, model, m, u, dtype_label, B) for m, u in SAMPLE_METRICS}
     est = estimate_sample_s(preset, amp, opts)
-    kw = {"guidance": compute.FID_SAMPLING.cfg, "top_k": compute.FID_SAMPLING.top_k,
+    kw = {"guidance": compute.FID_SAMPLING.guidance, "top_k": compute.FID_SAMPLING.top_k,
           "top_p": compute.FID_SAMPLING.top_p}  # fmt: skip
 
     def run(ctx: Context, emit: Emit) -> None:

@@ -9,9 +9,11 @@ source is listed in ``docs/paper_numbers.md``.
 Naming, shared by every report:
 
 - ``table``: ``"table1"``, ``"table2"``, ``"ablation"``, ``"poster"``.
-- ``model``: the released checkpoint / preset name where one exists (``var-d16``,
-  ``mvar-finetune-d16`` = MVAR-d16† of Table 2, ``mvar-d16`` = MVAR-d16 trained from scratch,
-  ``mvar-d16-scale-markov`` = ablation (b)); other families keep the paper's label.
+- ``model``: the released checkpoint name where the row is about weights (``var-d16``,
+  ``mvar-finetune-d16`` = MVAR-d16† of Table 2, ``mvar-scratch-d16`` = MVAR-d16 trained from
+  scratch, file ``mvar-d16.pth``), the architecture preset where it is about an architecture
+  (the ablation: ``var-d16`` (a), ``mvar-d16-scale-markov`` (b), ``mvar-d16`` (c)); other
+  families keep the paper's label.
   :data:`MODEL_PRESETS` maps each of ours to the architecture preset of ``mvar.config``.
 - ``metric``/``unit``: see :data:`METRICS`.
 
@@ -59,10 +61,11 @@ METRICS: dict[str, tuple[str, str]] = {
     "train_memory": ("MiB", "peak training memory"),
 }
 
-# Architecture preset (mvar.config) of every non-quoted model name used here.
+# Architecture preset (mvar.config) of every non-quoted model name used here: a released
+# checkpoint maps to its architecture, an architecture (the ablation's rows) to itself.
 MODEL_PRESETS: dict[str, str] = {
     **CHECKPOINT_PRESETS,
-    "mvar-d16-scale-markov": "mvar-d16-scale-markov",
+    **{m: m for m in ("var-d16", "mvar-d16-scale-markov", "mvar-d16")},
 }
 
 
@@ -135,7 +138,7 @@ _T1: dict[str, tuple[float | str | None, ...]] = {
     "RQTran.": (7.55, 134.0, None, None, 3800, 68),
     "RQTran.-re": (3.80, 323.7, None, None, 3800, 68),
     "var-d16": (3.55, 280.4, 0.84, 0.51, 310, 10),  # official weights
-    "mvar-d16": (3.09, 285.5, 0.85, 0.51, 310, 10),  # trained from scratch
+    "mvar-scratch-d16": (3.09, 285.5, 0.85, 0.51, 310, 10),  # trained from scratch
 }
 T1_FAMILY: dict[str, str] = {
     **{m: "GAN" for m in ("BigGAN", "GigaGAN", "StyleGAN-XL")},
@@ -157,7 +160,7 @@ T1_FAMILY: dict[str, str] = {
         )
     },
     "var-d16": "scale AR",
-    "mvar-d16": "scale AR",
+    "mvar-scratch-d16": "scale AR",
 }
 TABLE1: list[PaperValue] = _row_block(
     "table1",

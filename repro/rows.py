@@ -46,7 +46,7 @@ class Options:
 
     out: Path = Path("reports")
     batch: int = 32
-    guidance: float = _FID.cfg  # VAR's FID setting; memory and FLOPs do not depend on it
+    guidance: float = _FID.guidance  # VAR's FID setting; memory and FLOPs do not depend on it
     top_k: int = _FID.top_k
     top_p: float = _FID.top_p
     tiny_batch: int = 8
@@ -98,7 +98,7 @@ def _fake(preset: str) -> prof.FakeModels:
 
 @functools.cache
 def inference_estimate(
-    preset: str, batch: int, decode: bool, guidance: float = _FID.cfg, attention: str = "fused"
+    preset: str, batch: int, decode: bool, guidance: float = _FID.guidance, attention: str = "fused"
 ) -> compute.InferenceMemory:
     return compute.estimate_inference_memory(
         preset, batch, guidance=guidance, decode=decode, models=_fake(preset), attention=attention
@@ -106,7 +106,7 @@ def inference_estimate(
 
 
 @functools.cache
-def sampling_count(preset: str, batch: int, guidance: float = _FID.cfg) -> compute.SamplingCount:
+def sampling_count(preset: str, batch: int, guidance: float = _FID.guidance) -> compute.SamplingCount:
     return compute.count_sampling(preset, batch=batch, guidance=guidance, models=_fake(preset))
 
 

@@ -77,7 +77,7 @@ RESULT_KEYS: dict[str, tuple[str, str]] = {
     "recall": ("recall", "pr_status"),
 }
 # The two reproduced rows of Table 1: (model name in repro.paper, default checkpoint file).
-MODELS: tuple[tuple[str, str], ...] = tuple((m, CHECKPOINT_FILES[m]) for m in ("var-d16", "mvar-d16"))
+MODELS: tuple[tuple[str, str], ...] = tuple((m, CHECKPOINT_FILES[m]) for m in ("var-d16", "mvar-scratch-d16"))
 REFERENCE_FILE = "VIRTUAL_imagenet256_labeled.npz"
 # Where each input of the paper-scale rows comes from (checkpoints: mvar.checkpoint.DOWNLOADS).
 DOWNLOADS: dict[str, str] = {
@@ -195,7 +195,7 @@ def run_model(
     sampler = build_sampler(preset, ckpt, vae_ckpt, sampling, device, cfg.dtype)
     settings = GenerationSettings(
         model=preset,
-        cfg=sampling.cfg, top_k=sampling.top_k, top_p=sampling.top_p, more_smooth=False,
+        guidance=sampling.guidance, top_k=sampling.top_k, top_p=sampling.top_p, more_smooth=False,
         seed=cfg.seed, seed_mode=cfg.seed_mode,  # type: ignore[arg-type]
         per_class=cfg.per_class, classes=tuple(range(cfg.num_classes)),
         batch_size=cfg.batch_size, uint8=cfg.uint8, dtype=cfg.dtype,  # type: ignore[arg-type]

@@ -147,3 +147,21 @@ def _shrunk(tmp_path: Path, vae: torch.nn.Module) -> Path:
     path = tmp_path / "vae_bad.pth"
     torch.save(sd, path)
     return path
+
+
+def test_release_names_mean_one_thing() -> None:
+    # One registry (mvar.config.RELEASES); a name is either an architecture or a set of weights,
+    # never both unless the architecture has exactly that one release (var-d16 and var_d16.pth).
+    from mvar.checkpoint import CHECKPOINT_FILES, DOWNLOADS
+    from mvar.config import PRESETS, RELEASES, SAMPLING_PRESETS
+
+    assert len({r.file for r in RELEASES.values()}) == len(RELEASES)
+    for name, r in RELEASES.items():
+        assert r.preset in PRESETS and CHECKPOINT_FILES[name] == r.file and r.file in DOWNLOADS
+        assert SAMPLING_PRESETS[name] == r.sampling
+        if name in PRESETS:
+            assert r.preset == name and [x for x in RELEASES.values() if x.preset == name] == [r]
+    # MVAR-d16 has two releases, so the architecture name is no release name.
+    assert "mvar-d16" not in RELEASES
+    assert RELEASES["mvar-scratch-d16"].file == "mvar-d16.pth"
+    assert RELEASES["mvar-finetune-d16"].preset == RELEASES["mvar-scratch-d16"].preset == "mvar-d16"

@@ -41,7 +41,7 @@ from tests.conftest import REPO_ROOT
 
 def tiny_settings(**kw: object) -> GenerationSettings:
     base: dict[str, object] = {
-        "model": "fake", "checkpoint": "none", "cfg": 1.5, "top_k": 900, "top_p": 0.96,
+        "model": "fake", "checkpoint": "none", "guidance": 1.5, "top_k": 900, "top_p": 0.96,
         "per_class": 3, "classes": (0, 1, 2), "batch_size": 4,
     }  # fmt: skip
     base.update(kw)
@@ -80,7 +80,7 @@ def random_inception(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_folder_name_encodes_every_setting() -> None:
     base = tiny_settings()
     changed = {
-        "model": "other", "checkpoint": "ckpt2", "cfg": 2.0, "top_k": 1, "top_p": 0.5,
+        "model": "other", "checkpoint": "ckpt2", "guidance": 2.0, "top_k": 1, "top_p": 0.5,
         "more_smooth": True, "seed": 7, "seed_mode": "fixed", "per_class": 4,
         "classes": (0, 1, 5), "batch_size": 3, "uint8": "truncate", "dtype": "bfloat16",
         "checkpoint_sha256": "ab" * 32, "vae_checkpoint": "vae2", "vae_sha256": "cd" * 32,
@@ -439,7 +439,7 @@ def test_table1_missing_files_give_not_measured_rows(
     table1.main(["--out-dir", "reports", "--work-dir", "work"])
     rows = _read_rows(tmp_path / "reports" / "table1.csv")
     assert [(r["model"], r["metric"]) for r in rows] == [
-        (m, k) for m in ("var-d16", "mvar-d16") for k in ("fid", "is", "precision", "recall")
+        (m, k) for m in ("var-d16", "mvar-scratch-d16") for k in ("fid", "is", "precision", "recall")
     ]
     for r in rows:
         assert r["value"] == "" and r["method"] == "none" and r["table"] == "table1"

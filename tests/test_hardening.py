@@ -59,7 +59,7 @@ def evil_file(path: Path, marker: Path, base: dict[str, torch.Tensor] | None = N
 
 
 def tiny_settings(**kw: object) -> GenerationSettings:
-    base: dict[str, object] = {"model": "fake", "checkpoint": "none", "cfg": 1.5, "top_k": 900,
+    base: dict[str, object] = {"model": "fake", "checkpoint": "none", "guidance": 1.5, "top_k": 900,
                                "top_p": 0.96, "per_class": 3, "classes": (0, 1, 2),
                                "batch_size": 4}  # fmt: skip
     base.update(kw)
@@ -175,21 +175,21 @@ def test_checkpoint_misuse_messages(tmp_path: Path, caplog: pytest.LogCaptureFix
 
 
 @pytest.mark.parametrize(
-    "cfg, top_k, top_p, match",
+    "guidance, top_k, top_p, match",
     [
-        (-0.5, 900, 0.96, "cfg"),
-        (float("nan"), 900, 0.96, "cfg"),
+        (-0.5, 900, 0.96, "guidance"),
+        (float("nan"), 900, 0.96, "guidance"),
         (1.5, -1, 0.96, "top_k"),
         (1.5, 900, 1.5, "top_p"),
         (1.5, 900, -0.1, "top_p"),
         (1.5, 900, float("nan"), "top_p"),
     ],
 )
-def test_bad_sampling_settings(cfg: float, top_k: int, top_p: float, match: str) -> None:
+def test_bad_sampling_settings(guidance: float, top_k: int, top_p: float, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        check_sampling_settings(cfg, top_k, top_p)
+        check_sampling_settings(guidance, top_k, top_p)
     with pytest.raises(ValueError, match=match):
-        tiny_settings(cfg=cfg, top_k=top_k, top_p=top_p)
+        tiny_settings(guidance=guidance, top_k=top_k, top_p=top_p)
 
 
 def test_top_k_above_vocabulary_is_clamped_and_said(caplog: pytest.LogCaptureFixture) -> None:
@@ -208,8 +208,8 @@ def test_class_out_of_range_is_refused_by_the_sampler() -> None:
         check_class_labels([-1], 1000)
     for label in (model.num_classes, -1):
         with pytest.raises(ValueError, match=f"class {label} is out of range"):
-            model.sample(vae, torch.tensor([0, label]), cfg=1.5, top_k=10, top_p=0.9, g_seed=0)
-    with pytest.raises(ValueError, match="cfg"):
+            model.sample(vae, torch.tensor([0, label]), guidance=1.5, top_k=10, top_p=0.9, g_seed=0)
+    with pytest.raises(ValueError, match="guidance"):
         model.sample(vae, torch.tensor([0]), cfg=-1.0, g_seed=0)
 
 
@@ -453,7 +453,7 @@ def test_cli_errors_are_one_line_and_debug_shows_the_traceback(tmp_path: Path) -
     bad = [
         (["generate", "--model", "var-tiny", "--classes", "-1"], "class -1 is out of range"),
         (["generate", "--model", "var-tiny", "--classes", "1000"], "class 1000 is out of range"),
-        (["generate", "--model", "var-tiny", "--cfg", "-1"], "cfg (guidance) must be"),
+        (["generate", "--model", "var-tiny", "--cfg", "-1"], "guidance (cfg) must be"),
         (["generate", "--model", "var-tiny", "--ckpt", str(tmp_path)], "is a directory"),
         (["generate", "--model", "var-tiny", "--top-p", "nan"], "top_p must be a number in [0, 1]"),
     ]

@@ -34,11 +34,11 @@ def _teacher_input(vae: torch.nn.Module, B: int, seed: int = 0) -> tuple[list, t
 # --- VAR: the KV cache computes exactly what teacher forcing computes ------------------------
 
 
-@pytest.mark.parametrize("cfg", [1.0, 2.5])
-def test_var_kv_cache_equals_teacher_forcing(tiny_vae: torch.nn.Module, cfg: float) -> None:
+@pytest.mark.parametrize("guidance", [1.0, 2.5])
+def test_var_kv_cache_equals_teacher_forcing(tiny_vae: torch.nn.Module, guidance: float) -> None:
     model = _tiny("var-tiny")
     label = torch.tensor([3, 9])
-    out = model.sample(tiny_vae, label, cfg=cfg, top_k=50, top_p=0.9, g_seed=1,
+    out = model.sample(tiny_vae, label, guidance=guidance, top_k=50, top_p=0.9, g_seed=1,
                        record_logits=True, decode=False)  # fmt: skip
     x = tiny_vae.idx_to_teacher_input(out.idx_Bl)
     with torch.no_grad():
@@ -46,7 +46,7 @@ def test_var_kv_cache_equals_teacher_forcing(tiny_vae: torch.nn.Module, cfg: flo
         uncond = model(torch.full_like(label, model.num_classes), x)
     S = len(model.patch_nums)
     for si, (bg, ed) in enumerate(model.begin_ends):
-        t = guidance_weight(cfg, si, S)
+        t = guidance_weight(guidance, si, S)
         want = (1 + t) * cond[:, bg:ed] - t * uncond[:, bg:ed]
         err = (out.guided_logits[si] - want).abs().max().item()
         assert err < 1e-4, f"scale {si}: KV-cache logits differ from teacher forcing by {err}"
@@ -56,7 +56,7 @@ def test_var_kv_cache_equals_teacher_forcing(tiny_vae: torch.nn.Module, cfg: flo
 def test_var_kv_cache_bytes_match_geometry(tiny_vae: torch.nn.Module) -> None:
     model = _tiny("var-tiny")
     B = 3
-    out = model.sample(tiny_vae, torch.arange(B), cfg=1.5, g_seed=0, decode=False)
+    out = model.sample(tiny_vae, torch.arange(B), guidance=1.5, g_seed=0, decode=False)
     c = model.config
     # K and V of all L tokens, every layer, 2B rows (CFG), fp32.
     assert out.kv_cache_bytes == 2 * c.depth * 2 * B * c.seq_len * c.embed_dim * 4
@@ -186,7 +186,7 @@ def test_512px_geometry_runs(arch: str) -> None:
     _, x = _teacher_input(vae, 1)
     with torch.no_grad():
         assert model(torch.tensor([1]), x).shape == (1, 2240, 512)
-    out = model.sample(vae, torch.tensor([2]), cfg=1.5, top_k=10, g_seed=0, decode=False)
+    out = model.sample(vae, torch.tensor([2]), guidance=1.5, top_k=10, g_seed=0, decode=False)
     assert [t.shape[1] for t in out.idx_Bl] == [pn * pn for pn in model.patch_nums]
     assert out.fhat.shape == (1, 32, 32, 32)
 
@@ -194,13 +194,25 @@ def test_512px_geometry_runs(arch: str) -> None:
 # --- sampling semantics ----------------------------------------------------------------------
 
 
-def test_cfg_one_differs_between_the_official_samplers(tiny_vae: torch.nn.Module) -> None:
+def test_guidance_one_differs_between_the_official_samplers(tiny_vae: torch.nn.Module) -> None:
     label = torch.tensor([7])
     var, mvar = _tiny("var-tiny"), _tiny("mvar-tiny")
-    assert var.sample(tiny_vae, label, cfg=1.0, g_seed=0, decode=False).guided
-    assert not mvar.sample(tiny_vae, label, cfg=1.0, g_seed=0, decode=False).guided
-    assert mvar.sample(tiny_vae, label, cfg=1.01, g_seed=0, decode=False).guided
-    assert var.CFG_ONE_RUNS_UNCONDITIONAL and not mvar.CFG_ONE_RUNS_UNCONDITIONAL
+    assert var.sample(tiny_vae, label, guidance=1.0, g_seed=0, decode=False).guided
+    assert not mvar.sample(tiny_vae, label, guidance=1.0, g_seed=0, decode=False).guided
+    assert mvar.sample(tiny_vae, label, guidance=1.01, g_seed=0, decode=False).guided
+    assert var.GUIDANCE_ONE_RUNS_UNCONDITIONAL and not mvar.GUIDANCE_ONE_RUNS_UNCONDITIONAL
+
+
+def test_cfg_is_an_alias_of_guidance(tiny_vae: torch.nn.Module) -> None:
+    # ``cfg=`` is the official samplers' keyword; it must mean exactly ``guidance=``.
+    model = _tiny("var-tiny")
+    a = model.sample(tiny_vae, torch.tensor([3]), guidance=2.0, top_k=20, g_seed=5, decode=False)
+    b = model.sample(tiny_vae, torch.tensor([3]), cfg=2.0, top_k=20, g_seed=5, decode=False)
+    c = model.sample(tiny_vae, torch.tensor([3]), cfg=1.0, top_k=20, g_seed=5, decode=False)
+    assert all(torch.equal(x, y) for x, y in zip(a.idx_Bl, b.idx_Bl))
+    assert not all(torch.equal(x, y) for x, y in zip(a.idx_Bl, c.idx_Bl))
+    with pytest.raises(ValueError, match="once"):
+        model.sample(tiny_vae, torch.tensor([3]), guidance=2.0, cfg=2.0, g_seed=5, decode=False)
 
 
 def test_top_k_keeps_ties_and_top_p_keeps_the_largest() -> None:
@@ -215,9 +227,9 @@ def test_top_k_keeps_ties_and_top_p_keeps_the_largest() -> None:
 
 def test_sampling_is_seeded(tiny_vae: torch.nn.Module) -> None:
     model = _tiny("mvar-tiny")
-    a = model.sample(tiny_vae, torch.tensor([1, 2]), cfg=2.0, top_k=100, g_seed=3, decode=False)
-    b = model.sample(tiny_vae, torch.tensor([1, 2]), cfg=2.0, top_k=100, g_seed=3, decode=False)
-    c = model.sample(tiny_vae, torch.tensor([1, 2]), cfg=2.0, top_k=100, g_seed=4, decode=False)
+    a = model.sample(tiny_vae, torch.tensor([1, 2]), guidance=2.0, top_k=100, g_seed=3, decode=False)
+    b = model.sample(tiny_vae, torch.tensor([1, 2]), guidance=2.0, top_k=100, g_seed=3, decode=False)
+    c = model.sample(tiny_vae, torch.tensor([1, 2]), guidance=2.0, top_k=100, g_seed=4, decode=False)
     assert all(torch.equal(x, y) for x, y in zip(a.idx_Bl, b.idx_Bl))
     assert not all(torch.equal(x, y) for x, y in zip(a.idx_Bl, c.idx_Bl))
 

@@ -146,7 +146,7 @@ def test_var_tiny_counts_by_hand_teacher_forcing_and_sampling(tiny_vae: nn.Modul
         model(torch.tensor([1, 2]), x)
     assert tf.result().total == VAR_TINY_TOTAL
     with prof.AttentionCounter(model) as smp:  # KV cache, no mask, 2B CFG rows
-        out = model.sample(tiny_vae, torch.tensor([1, 2]), cfg=1.5, top_k=10, g_seed=0,
+        out = model.sample(tiny_vae, torch.tensor([1, 2]), guidance=1.5, top_k=10, g_seed=0,
                            decode=False)  # fmt: skip
     assert smp.result().total == VAR_TINY_TOTAL
     # Real cache tensors: 2 (K,V) * 2 layers * 2B rows * 680 * 128 * 4 bytes.
@@ -163,7 +163,7 @@ def test_mvar_tiny_counted_equals_closed_form(tiny_vae: nn.Module, name: str) ->
         model(torch.tensor([1, 2]), x)
     assert tf.result() == want
     with prof.AttentionCounter(model) as smp:
-        out = model.sample(tiny_vae, torch.tensor([1, 2]), cfg=1.5, top_k=10, g_seed=0,
+        out = model.sample(tiny_vae, torch.tensor([1, 2]), guidance=1.5, top_k=10, g_seed=0,
                            decode=False)  # fmt: skip
     assert smp.result() == want
     assert out.kv_cache_bytes == 0

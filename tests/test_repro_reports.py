@@ -37,7 +37,7 @@ def test_registry_shapes_and_sources() -> None:
     assert len(paper.rows("ablation")) == 3 * 6
     assert all(pv.source for pv in paper.ALL)
     reproduced = {pv.model for pv in paper.rows("table1") if not pv.quoted}
-    assert reproduced == {"var-d16", "mvar-d16"}  # scale-wise rows (docs/paper_numbers.md §2)
+    assert reproduced == {"var-d16", "mvar-scratch-d16"}  # scale-wise rows (docs/paper_numbers.md §2)
     assert all(pv.quoted for pv in paper.rows("table1") if pv.model not in reproduced)
     for pv in paper.ALL:
         if not pv.quoted:
@@ -50,7 +50,7 @@ def test_registry_cells() -> None:
     assert paper.paper_value("table2", "var-d16", "kv_cache") == 5440
     assert paper.paper_value("table2", "mvar-finetune-d24", "attn_gflops") == 118.25
     assert paper.paper_value("ablation", "mvar-d16-scale-markov", "attn_gflops") == 37.84
-    assert paper.paper_value("table1", "mvar-d16", "fid") == 3.09
+    assert paper.paper_value("table1", "mvar-scratch-d16", "fid") == 3.09
     oom = paper.lookup("table2", "var-d24", "train_memory")
     assert oom is not None and oom.value is None and oom.note == "OOM"
     assert paper.lookup("table2", "var-d16", "nonexistent") is None
