@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
@@ -238,6 +238,113 @@ def encode_dataset(vae: torch.nn.Module, data: Dataset, batch_size: int = 32, *,
         torch.tensor(labels, dtype=torch.long),
         [torch.cat(t) for t in per_scale_f] if flips else None,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The batch of a training step, and online tokenising (fresh augmentation every step).
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchDraw:
+    """What step g trains on, over the whole (global) batch: a pure function of (seed, g), the
+    same on every rank; rank r takes rows ``r::world``."""
+
+    rows_B: Tensor  # (B,) int64 image indices, drawn with replacement
+    flip_B: Tensor  # (B,) bool: take the flipped view (token caches that hold both flips)
+    aug_seed_B: Tensor  # (B,) int64: seed of the random transform of each row (online mode)
+
+
+def draw_batch(num_images: int, batch_size: int, seed: int, step: int) -> BatchDraw:
+    """The rows of step ``step``, their flips and their augmentation seeds.
+
+    The draws come in this order from one generator seeded by (seed, step), so the rows are
+    the same whether or not the later draws are used (cached and online runs of one seed see
+    the same images)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    rows_B = torch.randint(num_images, (batch_size,), generator=g)
+    flip_B = torch.rand(batch_size, generator=g) < 0.5
+    aug_seed_B = torch.randint(2**62, (batch_size,), generator=g)
+    return BatchDraw(rows_B, flip_B, aug_seed_B)
+
+
+class AugmentedImages(Dataset):
+    """Item ``(i, aug_seed)``: image i of ``data`` through its random transform (crop, flip),
+    drawn from a generator seeded by ``aug_seed`` alone. The result does not depend on the
+    process, the worker or what was loaded before, so any number of DataLoader workers gives
+    the same batches and a resumed run repeats the uninterrupted one."""
+
+    def __init__(self, data: Dataset) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, int]:
+        i, aug_seed = key
+        # torchvision's random transforms draw from torch's global generator: fork it so the
+        # caller's random state (label dropout, drop-path) is left as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(aug_seed))
+            x, y = self.data[int(i)]
+        return x, int(y)
+
+
+class StepBatchSampler(Sampler[list[tuple[int, int]]]):
+    """This rank's share (rows ``rank::world``) of the batches of steps ``start .. end-1``, as
+    (image index, augmentation seed) pairs from :func:`draw_batch`."""
+
+    def __init__(self, num_images: int, batch_size: int, seed: int, start: int, end: int,
+                 rank: int = 0, world: int = 1) -> None:  # fmt: skip
+        self.num_images, self.batch_size, self.seed = num_images, batch_size, seed
+        self.start, self.end, self.rank, self.world = start, end, rank, world
+
+    def __len__(self) -> int:
+        return max(self.end - self.start, 0)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for step in range(self.start, self.end):
+            d = draw_batch(self.num_images, self.batch_size, self.seed, step)
+            rows = d.rows_B[self.rank :: self.world].tolist()
+            seeds = d.aug_seed_B[self.rank :: self.world].tolist()
+            yield list(zip(rows, seeds))
+
+
+def online_loader(data: Dataset, *, batch_size: int, seed: int, start: int, end: int,
+                  rank: int = 0, world: int = 1, workers: int = 0,
+                  pin_memory: bool = False) -> DataLoader:  # fmt: skip
+    """Images and labels of this rank's rows of steps ``start .. end-1``, one batch per step,
+    each image through a fresh draw of its random transform (the official VAR trainer's data
+    path: it decodes and augments every step, then encodes with the frozen VQ-VAE).
+    ``workers`` decode in parallel; the batches are the same for any number of them."""
+    n = len(data)  # type: ignore[arg-type]
+    return DataLoader(
+        AugmentedImages(data),
+        batch_sampler=StepBatchSampler(n, batch_size, seed, start, end, rank, world),
+        num_workers=workers,
+        pin_memory=pin_memory,
+        # The loader draws a base seed for its workers; a private generator keeps it from
+        # consuming the global one (our transforms are seeded per item and do not use it).
+        generator=torch.Generator().manual_seed(seed),
+        persistent_workers=False,
+    )
+
+
+def online_key(vae: torch.nn.Module, data: Dataset, *, recipe: str, image_size: int,
+               seed: int) -> dict[str, object]:  # fmt: skip
+    """Everything the tokens of an online run depend on (what the checkpoint records and a
+    resume checks): the VQ-VAE's weights, the data listing, the recipe and the code."""
+    return {
+        "tokenize": "online",
+        "format": TOKEN_CACHE_FORMAT,
+        "vqvae_sha256": vqvae_sha256(vae),
+        "data_sha256": dataset_fingerprint(data),
+        "num_images": len(data),  # type: ignore[arg-type]
+        "recipe": recipe,
+        "image_size": image_size,
+        "seed": seed,
+        "code_sha256": _code_version(),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
