@@ -2,6 +2,12 @@
 data set the project generates itself, so the embedded (CPU) runs need no download.
 
 Images are (3, H, W) float32 in [-1, 1], the VQ-VAE's input range (docs/var.md §1).
+
+Training sees them in one of two ways (``mvar train --tokenize``): :func:`online_loader` gives
+each step's images through the recipe's random transform, freshly drawn (the official VAR
+trainer's way, docs/var.md §4.4); the token cache (:func:`build_token_cache`) encodes them
+once, both flips, as the official MVAR trainer's latent cache (docs/mvar.md §3.3). The batch of
+a step is :func:`draw_batch` either way.
 """
 
 from __future__ import annotations

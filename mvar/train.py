@@ -455,13 +455,12 @@ def train(cfg: TrainConfig, *, tokens: TokenCache | None = None,
     bar = tqdm(range(start, end), initial=start, total=cfg.steps, desc=f"train {mcfg.name}",
                disable=rank != 0)  # fmt: skip
     # Online: this rank's images of steps start..end-1, decoded (and augmented) by workers.
-    batches = (
-        iter(online_loader(images, batch_size=cfg.batch_size, seed=cfg.seed, start=start, end=end,
-                           rank=rank, world=world, workers=cfg.workers,
-                           pin_memory=device.type == "cuda"))  # fmt: skip
-        if images is not None
-        else None
-    )
+    batches = None
+    if images is not None:
+        loader = online_loader(images, batch_size=cfg.batch_size, seed=cfg.seed, start=start,
+                               end=end, rank=rank, world=world, workers=cfg.workers,
+                               pin_memory=device.type == "cuda")  # fmt: skip
+        batches = iter(loader)
     for step in bar:
         scales = schedule.chunk_at(step)
         # Everything random in step g (batch rows, flips and crops, label dropout, drop-path)
