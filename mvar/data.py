@@ -172,12 +172,14 @@ class TokenCache:
 
     ``flip_idx_Bl`` (optional) holds the tokens of every image flipped horizontally, so the
     50% flip augmentation stays alive after tokenising: :meth:`batch` takes, per row, the
-    flipped or the plain tokens.
+    flipped or the plain tokens. With ``crops`` = K > 1 the cache holds K random crops of
+    every image, crop-major (row k·N + i is crop k of image i), and :meth:`batch` takes one.
     """
 
-    idx_Bl: list[Tensor]  # per scale (N, pn*pn) int64
+    idx_Bl: list[Tensor]  # per scale (K·N, pn*pn) int64
     labels: Tensor  # (N,) int64
-    flip_idx_Bl: list[Tensor] | None = None  # per scale (N, pn*pn): the flipped images
+    flip_idx_Bl: list[Tensor] | None = None  # per scale (K·N, pn*pn): the flipped images
+    crops: int = 1  # K
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -186,13 +188,16 @@ class TokenCache:
     def has_flips(self) -> bool:
         return self.flip_idx_Bl is not None
 
-    def batch(self, rows: Tensor, flip_B: Tensor | None = None) -> tuple[list[Tensor], Tensor]:
-        """Tokens and labels of ``rows``; ``flip_B`` (bool per row) picks the flipped view."""
+    def batch(self, rows: Tensor, flip_B: Tensor | None = None,
+              crop_B: Tensor | None = None) -> tuple[list[Tensor], Tensor]:  # fmt: skip
+        """Tokens and labels of ``rows``; ``flip_B`` (bool per row) picks the flipped view,
+        ``crop_B`` (0..K-1 per row) the crop."""
+        at = rows if crop_B is None or self.crops == 1 else rows + crop_B * len(self)
         if flip_B is None or self.flip_idx_Bl is None:
-            return [t[rows] for t in self.idx_Bl], self.labels[rows]
+            return [t[at] for t in self.idx_Bl], self.labels[rows]
         pick = flip_B.view(-1, 1)
         return (
-            [torch.where(pick, f[rows], t[rows]) for t, f in zip(self.idx_Bl, self.flip_idx_Bl)],
+            [torch.where(pick, f[at], t[at]) for t, f in zip(self.idx_Bl, self.flip_idx_Bl)],
             self.labels[rows],
         )
 
@@ -258,7 +263,7 @@ class BatchDraw:
 
     rows_B: Tensor  # (B,) int64 image indices, drawn with replacement
     flip_B: Tensor  # (B,) bool: take the flipped view (token caches that hold both flips)
-    aug_seed_B: Tensor  # (B,) int64: seed of the random transform of each row (online mode)
+    aug_seed_B: Tensor  # (B,) int64 in [0, 2**32): seed of each row's random transform
 
 
 def draw_batch(num_images: int, batch_size: int, seed: int, step: int) -> BatchDraw:
@@ -270,7 +275,7 @@ def draw_batch(num_images: int, batch_size: int, seed: int, step: int) -> BatchD
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
     rows_B = torch.randint(num_images, (batch_size,), generator=g)
     flip_B = torch.rand(batch_size, generator=g) < 0.5
-    aug_seed_B = torch.randint(2**62, (batch_size,), generator=g)
+    aug_seed_B = torch.randint(2**32, (batch_size,), generator=g)  # torch keeps 32 bits of a seed
     return BatchDraw(rows_B, flip_B, aug_seed_B)
 
 
@@ -408,10 +413,18 @@ def _code_version() -> str:
     return h.hexdigest()
 
 
+def _crop_seed(seed: int, crop: int) -> int:
+    """The seed whose per-image draws give crop ``crop`` (crop 0: the run's seed itself, so a
+    one-crop cache is the first crop of a K-crop one). torch's CPU generator keeps only the low
+    32 bits of a seed; an odd step keeps the K seeds of one image distinct modulo 2**32."""
+    return seed + crop * 1_000_000_007
+
+
 def token_cache_key(vae: torch.nn.Module, data: Dataset, *, recipe: str, image_size: int,
-                    flips: bool, seed: int, chunk: int) -> dict[str, object]:  # fmt: skip
+                    flips: bool, seed: int, chunk: int, crops: int = 1) -> dict[str, object]:  # fmt: skip
     """Everything a cached token depends on; the cache folder is named by its sha256."""
-    return {
+    # "crops" only when > 1: one-crop caches written before the option keep their key.
+    return ({"crops": crops} if crops > 1 else {}) | {
         "format": TOKEN_CACHE_FORMAT,
         "vqvae_sha256": vqvae_sha256(vae),
         "data_sha256": dataset_fingerprint(data),
@@ -437,14 +450,20 @@ def _part_path(folder: Path, c: int) -> Path:
 @torch.no_grad()
 def encode_shard(vae: torch.nn.Module, data: Dataset, cache_root: str | Path, *, recipe: str,
                  image_size: int, rank: int = 0, world: int = 1, flips: bool = True,
-                 seed: int = 0, chunk: int = 1024, batch_size: int = 32) -> Path:  # fmt: skip
+                 seed: int = 0, chunk: int = 1024, batch_size: int = 32,
+                 crops: int = 1) -> Path:  # fmt: skip
     """Encode this rank's share of ``data`` into the cache folder of its key: parts of
     ``chunk`` images, part c on rank c mod world, each written atomically. A part already on
-    disk is skipped, so a killed job resumes where it stopped. Returns the folder."""
+    disk is skipped, so a killed job resumes where it stopped. Returns the folder.
+
+    ``crops`` = K > 1 encodes K draws of the random transform per image (VAR's random crop),
+    stored per part and scale as (K, n, pn*pn)."""
     from mvar.io import atomic_torch_save, atomic_write_json
 
+    if crops < 1:
+        raise ValueError(f"crops must be >= 1, got {crops}")
     key = token_cache_key(vae, data, recipe=recipe, image_size=image_size, flips=flips,
-                          seed=seed, chunk=chunk)  # fmt: skip
+                          seed=seed, chunk=chunk, crops=crops)  # fmt: skip
     folder = _key_dir(Path(cache_root), key)
     folder.mkdir(parents=True, exist_ok=True)
     manifest = folder / "manifest.json"
@@ -457,18 +476,27 @@ def encode_shard(vae: torch.nn.Module, data: Dataset, cache_root: str | Path, *,
                 folder, rank, world, len(todo), len(mine), chunk)  # fmt: skip
     for done, c in enumerate(todo, 1):
         indices = range(c * chunk, min(n, (c + 1) * chunk))
-        idx_parts: list[list[Tensor]] = []
-        flip_parts: list[list[Tensor]] = []
-        labels: list[int] = []
-        for img, y in _img_batches(data, indices, batch_size, seed):
-            idx, flipped = _encode(vae, img, flips)
-            labels += y
-            idx_parts.append(idx)
-            if flipped is not None:
-                flip_parts.append(flipped)
+        per_crop: list[list[Tensor]] = []  # per crop, per scale (n, pn*pn)
+        per_crop_f: list[list[Tensor]] = []
+        for k in range(crops):
+            idx_parts: list[list[Tensor]] = []
+            flip_parts: list[list[Tensor]] = []
+            labels: list[int] = []
+            for img, y in _img_batches(data, indices, batch_size, _crop_seed(seed, k)):
+                idx, flipped = _encode(vae, img, flips)
+                labels += y
+                idx_parts.append(idx)
+                if flipped is not None:
+                    flip_parts.append(flipped)
+            per_crop.append([torch.cat(ts) for ts in zip(*idx_parts)])
+            per_crop_f.append([torch.cat(ts) for ts in zip(*flip_parts)] if flips else [])
+
+        def stack(views: list[list[Tensor]]) -> list[Tensor]:  # one crop: (n, pn*pn) as before
+            return views[0] if crops == 1 else [torch.stack(ts) for ts in zip(*views)]
+
         part = {
-            "idx": [torch.cat(ts) for ts in zip(*idx_parts)],
-            "flip_idx": [torch.cat(ts) for ts in zip(*flip_parts)] if flips else None,
+            "idx": stack(per_crop),
+            "flip_idx": stack(per_crop_f) if flips else None,
             "labels": torch.tensor(labels, dtype=torch.long),
         }
         atomic_torch_save(part, _part_path(folder, c))
@@ -497,16 +525,22 @@ def load_token_cache(folder: str | Path, key: dict[str, object] | None = None) -
                                     f"(rerun the encoding; finished parts are kept)")  # fmt: skip
         parts.append(torch.load(p, map_location="cpu", weights_only=True))
     flips = bool(saved["flips"])
+
+    def join(views: list[list[Tensor]]) -> list[Tensor]:
+        # Parts hold (n, pn*pn), or (K, n, pn*pn) for K crops: join images, then crop-major.
+        return [torch.cat(ts, dim=-2).flatten(0, -2) for ts in zip(*views)]
+
     return TokenCache(
-        [torch.cat(ts) for ts in zip(*(p["idx"] for p in parts))],
+        join([p["idx"] for p in parts]),
         torch.cat([p["labels"] for p in parts]),
-        [torch.cat(ts) for ts in zip(*(p["flip_idx"] for p in parts))] if flips else None,
+        join([p["flip_idx"] for p in parts]) if flips else None,
+        crops=int(saved.get("crops", 1)),
     )
 
 
 def build_token_cache(vae: torch.nn.Module, data: Dataset, cache_root: str | Path, *,
                       recipe: str, image_size: int, flips: bool = True, seed: int = 0,
-                      chunk: int = 1024, batch_size: int = 32) -> TokenCache:  # fmt: skip
+                      chunk: int = 1024, batch_size: int = 32, crops: int = 1) -> TokenCache:  # fmt: skip
     """Paper-scale tokenising: every rank encodes its parts (:func:`encode_shard`), then all
     wait for each other and load the whole cache. Resumable and keyed by its inputs."""
     from mvar import dist
@@ -514,8 +548,8 @@ def build_token_cache(vae: torch.nn.Module, data: Dataset, cache_root: str | Pat
     rank, world = dist.get_rank(), dist.get_world_size()
     folder = encode_shard(vae, data, cache_root, recipe=recipe, image_size=image_size,
                           rank=rank, world=world, flips=flips, seed=seed, chunk=chunk,
-                          batch_size=batch_size)  # fmt: skip
+                          batch_size=batch_size, crops=crops)  # fmt: skip
     dist.barrier()
     key = token_cache_key(vae, data, recipe=recipe, image_size=image_size, flips=flips,
-                          seed=seed, chunk=chunk)  # fmt: skip
+                          seed=seed, chunk=chunk, crops=crops)  # fmt: skip
     return load_token_cache(folder, key)

@@ -22,7 +22,8 @@
   encodes them with the frozen VQ-VAE in the loop, as the official VAR trainer does;
   ``cached`` tokenises the data once (``mvar.data.build_token_cache``: sharded over ranks,
   resumable, keyed by its inputs) with both flips, as the official MVAR trainer's latent cache
-  does, but with one crop per image frozen at encode time. ``auto`` is online for the VAR
+  does, but with one crop per image frozen at encode time (``--crops K`` caches K and draws
+  one per row and step). ``auto`` is online for the VAR
   recipe on an image folder and cached otherwise (docs/var.md §4.4, docs/mvar.md §3.3).
 """
 
@@ -106,6 +107,7 @@ class TrainConfig:
     recipe: str = "var"  # augmentation recipe for folders (var | mvar)
     tokenize: str = "auto"  # cached | online | auto (online for recipe var on a folder)
     workers: int = 4  # online mode: image-decoding DataLoader workers (0: in this process)
+    crops: int = 1  # cached mode, recipe var: random crops per image in the token cache
     token_cache: str | None = None  # folder of the on-disk token cache; None: <out>/token_cache
     synthetic_classes: int = 10
     synthetic_per_class: int = 64
@@ -118,7 +120,7 @@ class TrainConfig:
     allow_changed_args: bool = False  # resume even if the saved settings differ (recorded)
 
     def __post_init__(self) -> None:
-        positive = ("steps", "batch_size", "ckpt_every", "log_every", "ratio_k",
+        positive = ("steps", "batch_size", "ckpt_every", "log_every", "ratio_k", "crops",
                     "synthetic_classes", "synthetic_per_class")  # fmt: skip
         for name in positive:
             v = getattr(self, name)
@@ -143,6 +145,10 @@ class TrainConfig:
                              f"got {self.tokenize!r}")  # fmt: skip
         if not isinstance(self.workers, int) or self.workers < 0:
             raise TrainError(f"--workers must be an integer >= 0, got {self.workers!r}")
+        if self.crops > 1 and (self.data == "synthetic" or self.recipe != "var"
+                               or self.tokenize != "cached"):  # fmt: skip
+            raise TrainError(f"--crops {self.crops} needs an image folder with --recipe var and "
+                             f"--tokenize cached (the other ways have no frozen crop to multiply)")  # fmt: skip
         try:
             get_preset(self.model)
         except KeyError as e:
@@ -206,13 +212,13 @@ def _load_tokens(cfg: TrainConfig, vae: nn.Module, data: Dataset | None) -> Toke
     # is drawn per row and step. VAR's random crop is drawn once per image (seeded) and frozen.
     flips = cfg.recipe == "mvar"
     if cfg.recipe == "var":
-        logger.warning("--tokenize cached with recipe var: one random crop per image, frozen when "
-                       "tokenising (the official VAR trainer draws a new crop every step: "
-                       "--tokenize online)")  # fmt: skip
+        logger.warning("--tokenize cached with recipe var: %d random crop(s) per image, frozen "
+                       "when tokenising (the official VAR trainer draws a new crop every step: "
+                       "--tokenize online)", cfg.crops)  # fmt: skip
     folder = imagenet_folder(cfg.data, vae.cfg.image_size, cfg.recipe, random_flip=False)
     root = cfg.token_cache or str(Path(cfg.out_dir) / "token_cache")
     return build_token_cache(vae, folder, root, recipe=cfg.recipe, image_size=vae.cfg.image_size,
-                             flips=flips, seed=cfg.seed)  # fmt: skip
+                             flips=flips, seed=cfg.seed, crops=cfg.crops)  # fmt: skip
 
 
 def tokens_fingerprint(tokens: TokenCache) -> str:
@@ -321,6 +327,9 @@ def train(cfg: TrainConfig, *, tokens: TokenCache | None = None,
     mode = tokenize_mode(cfg, data_given=data is not None)
     if mode == "online" and tokens is not None:
         raise TrainError("--tokenize online encodes images every step: pass data (images), not tokens")
+    if cfg.crops > 1 and (tokens is not None or data is not None):
+        raise TrainError("--crops applies to the token cache of --data <folder>, not to tokens or "
+                         "data passed in")  # fmt: skip
     distributed = dist.init_from_env()
     rank, world = dist.get_rank(), dist.get_world_size()
     if cfg.batch_size % world:
@@ -478,7 +487,9 @@ def train(cfg: TrainConfig, *, tokens: TokenCache | None = None,
             draw = draw_batch(num_images, cfg.batch_size, cfg.seed, step)
             # The 50% horizontal flip of MVAR's recipe, drawn per row and step (cached both ways).
             flip_B = draw.flip_B[rank::world] if tokens.has_flips else None
-            idx_Bl, label_B = tokens.batch(draw.rows_B[rank::world], flip_B)
+            # --crops K: one of the K cached crops per row and step, from the row's own seed.
+            crop_B = draw.aug_seed_B[rank::world] % tokens.crops if tokens.crops > 1 else None
+            idx_Bl, label_B = tokens.batch(draw.rows_B[rank::world], flip_B, crop_B)
             idx_Bl = [t.to(device) for t in idx_Bl]
             t0 = time.perf_counter()
         label_B = label_B.to(device)
@@ -534,6 +545,9 @@ HELP: dict[str, str] = {
                 "cached otherwise",
     "workers": "online mode: DataLoader workers decoding images (0: in the training process; "
                "the batches are the same for any number)",
+    "crops": "cached mode with recipe var: cache this many random crops per image and draw "
+             "one per row and step (more augmentation than one frozen crop, K times the "
+             "encoding; online is the official VAR trainer's way)",
     "token_cache": "folder of the token cache of an image folder (sharded over ranks, "
                    "resumable, keyed by VQ-VAE, data listing, recipe and code); default "
                    "<out>/token_cache",

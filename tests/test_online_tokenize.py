@@ -146,3 +146,59 @@ def test_cli_bad_tokenize_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixt
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--tokenize" in err[0] and "'fresh'" in err[0], err
     assert not (tmp_path / "run").exists()
+
+
+# --- cached mode with K crops per image (--crops) ---------------------------------------------
+
+
+def test_token_cache_batch_picks_the_crop_and_the_flip() -> None:
+    from mvar.data import TokenCache
+
+    # Three images, two crops each (rows k·3 + i), and their flipped views (+100).
+    idx = torch.arange(12).view(6, 2)
+    cache = TokenCache([idx], torch.tensor([7, 8, 9]), [idx + 100], crops=2)
+    assert len(cache) == 3
+    got, y = cache.batch(torch.tensor([2, 0, 2]), torch.tensor([False, True, False]), torch.tensor([1, 0, 0]))
+    assert got[0].tolist() == [[10, 11], [100, 101], [4, 5]] and y.tolist() == [9, 7, 9]
+
+
+def test_cache_of_k_crops_holds_k_draws_and_its_first_is_the_one_crop_cache(folder: Path,
+                                                                            tmp_path: Path) -> None:  # fmt: skip
+    from mvar.build import build_vqvae
+    from mvar.data import encode_shard, load_token_cache, token_cache_key
+
+    torch.manual_seed(0)
+    vae = build_vqvae(TINY_VAE).eval()
+    data = imagenet_folder(folder, SIZE, "var")
+    kw = {"recipe": "var", "image_size": SIZE, "flips": False, "seed": 0, "chunk": 3}
+    one = load_token_cache(encode_shard(vae, data, tmp_path / "c", batch_size=2, **kw))
+    two_dir = encode_shard(vae, data, tmp_path / "c", batch_size=2, crops=2, **kw)
+    assert "crops" not in token_cache_key(vae, data, **kw)  # one-crop caches keep their old key
+    two = load_token_cache(two_dir, token_cache_key(vae, data, crops=2, **kw))
+    n = len(data)
+    assert (len(one), one.crops, len(two), two.crops) == (n, 1, n, 2)
+    assert torch.equal(two.labels, one.labels)
+    for t1, t2 in zip(one.idx_Bl, two.idx_Bl):
+        assert t2.shape == (2 * n, t1.shape[1]) and torch.equal(t2[:n], t1)
+    # The second crop is another draw: the finest tokens differ for some image.
+    assert not torch.equal(two.idx_Bl[-1][n:], two.idx_Bl[-1][:n])
+
+
+@pytest.mark.slow  # tokenises 2 crops of 4 images, then 2 steps (~5 s on two cores)
+def test_trainer_with_k_cached_crops(folder: Path, tmp_path: Path) -> None:
+    path = train(_cfg(folder, tmp_path / "run", steps=2, tokenize="cached", crops=2))
+    assert torch.load(path, weights_only=True)["trainer"]["step"] == 2
+    (cache,) = (tmp_path / "run" / "token_cache").glob("tokens-*")
+    assert '"crops": 2' in (cache / "manifest.json").read_text()
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [({"crops": 0}, "--crops must be a positive integer"),
+     ({"crops": 2, "data": "/imagenet"}, "--crops 2 needs an image folder with --recipe var and --tokenize cached"),
+     ({"crops": 2, "data": "/imagenet", "recipe": "mvar", "tokenize": "cached"}, "--crops 2 needs"),
+     ({"crops": 2, "tokenize": "cached"}, "--crops 2 needs")],
+)  # fmt: skip
+def test_crops_outside_the_var_token_cache_are_refused(kw: dict, message: str) -> None:
+    with pytest.raises(TrainError, match=message):
+        TrainConfig(**kw)
