@@ -21,10 +21,10 @@
   transform (a fresh crop, and flip where the recipe flips, seeded by (seed, g, row)) and
   encodes them with the frozen VQ-VAE in the loop, as the official VAR trainer does;
   ``cached`` tokenises the data once (``mvar.data.build_token_cache``: sharded over ranks,
-  resumable, keyed by its inputs) with both flips, as the official MVAR trainer's latent cache
-  does, but with one crop per image frozen at encode time (``--crops K`` caches K and draws
-  one per row and step). ``auto`` is online for the VAR
-  recipe on an image folder and cached otherwise (docs/var.md §4.4, docs/mvar.md §3.3).
+  resumable, keyed by its inputs): for MVAR's recipe both flips, drawn per row and step, as
+  the official MVAR trainer's latent cache does; for VAR's, one random crop per image frozen
+  at encode time (``--crops K`` caches K and draws one per row and step). ``auto`` is online for the VAR recipe on an image folder and cached
+  otherwise (docs/var.md §4.4, docs/mvar.md §3.3).
 """
 
 from __future__ import annotations
@@ -539,9 +539,9 @@ HELP: dict[str, str] = {
               "mvar (ADM centre crop, horizontal flips)",
     "tokenize": "online: every step loads its images through the recipe's random transform "
                 "(a new crop, and flip for mvar) and encodes them with the frozen VQ-VAE, as the "
-                "official VAR trainer; cached: tokenise once into the token cache with both "
-                "flips, as the official MVAR trainer's latent cache (the random crop of recipe "
-                "var is then frozen per image); auto: online for recipe var on an image folder, "
+                "official VAR trainer; cached: tokenise once into the token cache (recipe mvar: "
+                "both flips, drawn per step, as the official MVAR trainer's latent cache; recipe "
+                "var: the random crop is frozen per image, see --crops); auto: online for recipe var on an image folder, "
                 "cached otherwise",
     "workers": "online mode: DataLoader workers decoding images (0: in the training process; "
                "the batches are the same for any number)",
