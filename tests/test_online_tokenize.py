@@ -162,6 +162,7 @@ def test_token_cache_batch_picks_the_crop_and_the_flip() -> None:
     assert got[0].tolist() == [[10, 11], [100, 101], [4, 5]] and y.tolist() == [9, 7, 9]
 
 
+@pytest.mark.slow  # encodes 4 images three times (~8 s on two cores)
 def test_cache_of_k_crops_holds_k_draws_and_its_first_is_the_one_crop_cache(folder: Path,
                                                                             tmp_path: Path) -> None:  # fmt: skip
     from mvar.build import build_vqvae
