@@ -2,6 +2,12 @@
 data set the project generates itself, so the embedded (CPU) runs need no download.
 
 Images are (3, H, W) float32 in [-1, 1], the VQ-VAE's input range (docs/var.md §1).
+
+Training sees them in one of two ways (``mvar train --tokenize``): :func:`online_loader` gives
+each step's images through the recipe's random transform, freshly drawn (the official VAR
+trainer's way, docs/var.md §4.4); the token cache (:func:`build_token_cache`) encodes them
+once, both flips, as the official MVAR trainer's latent cache (docs/mvar.md §3.3). The batch of
+a step is :func:`draw_batch` either way.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
@@ -166,12 +172,14 @@ class TokenCache:
 
     ``flip_idx_Bl`` (optional) holds the tokens of every image flipped horizontally, so the
     50% flip augmentation stays alive after tokenising: :meth:`batch` takes, per row, the
-    flipped or the plain tokens.
+    flipped or the plain tokens. With ``crops`` = K > 1 the cache holds K random crops of
+    every image, crop-major (row k·N + i is crop k of image i), and :meth:`batch` takes one.
     """
 
-    idx_Bl: list[Tensor]  # per scale (N, pn*pn) int64
+    idx_Bl: list[Tensor]  # per scale (K·N, pn*pn) int64
     labels: Tensor  # (N,) int64
-    flip_idx_Bl: list[Tensor] | None = None  # per scale (N, pn*pn): the flipped images
+    flip_idx_Bl: list[Tensor] | None = None  # per scale (K·N, pn*pn): the flipped images
+    crops: int = 1  # K
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -180,13 +188,16 @@ class TokenCache:
     def has_flips(self) -> bool:
         return self.flip_idx_Bl is not None
 
-    def batch(self, rows: Tensor, flip_B: Tensor | None = None) -> tuple[list[Tensor], Tensor]:
-        """Tokens and labels of ``rows``; ``flip_B`` (bool per row) picks the flipped view."""
+    def batch(self, rows: Tensor, flip_B: Tensor | None = None,
+              crop_B: Tensor | None = None) -> tuple[list[Tensor], Tensor]:  # fmt: skip
+        """Tokens and labels of ``rows``; ``flip_B`` (bool per row) picks the flipped view,
+        ``crop_B`` (0..K-1 per row) the crop."""
+        at = rows if crop_B is None or self.crops == 1 else rows + crop_B * len(self)
         if flip_B is None or self.flip_idx_Bl is None:
-            return [t[rows] for t in self.idx_Bl], self.labels[rows]
+            return [t[at] for t in self.idx_Bl], self.labels[rows]
         pick = flip_B.view(-1, 1)
         return (
-            [torch.where(pick, f[rows], t[rows]) for t, f in zip(self.idx_Bl, self.flip_idx_Bl)],
+            [torch.where(pick, f[at], t[at]) for t, f in zip(self.idx_Bl, self.flip_idx_Bl)],
             self.labels[rows],
         )
 
@@ -238,6 +249,113 @@ def encode_dataset(vae: torch.nn.Module, data: Dataset, batch_size: int = 32, *,
         torch.tensor(labels, dtype=torch.long),
         [torch.cat(t) for t in per_scale_f] if flips else None,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The batch of a training step, and online tokenising (fresh augmentation every step).
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchDraw:
+    """What step g trains on, over the whole (global) batch: a pure function of (seed, g), the
+    same on every rank; rank r takes rows ``r::world``."""
+
+    rows_B: Tensor  # (B,) int64 image indices, drawn with replacement
+    flip_B: Tensor  # (B,) bool: take the flipped view (token caches that hold both flips)
+    aug_seed_B: Tensor  # (B,) int64 in [0, 2**32): seed of each row's random transform
+
+
+def draw_batch(num_images: int, batch_size: int, seed: int, step: int) -> BatchDraw:
+    """The rows of step ``step``, their flips and their augmentation seeds.
+
+    The draws come in this order from one generator seeded by (seed, step), so the rows are
+    the same whether or not the later draws are used (cached and online runs of one seed see
+    the same images)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    rows_B = torch.randint(num_images, (batch_size,), generator=g)
+    flip_B = torch.rand(batch_size, generator=g) < 0.5
+    aug_seed_B = torch.randint(2**32, (batch_size,), generator=g)  # torch keeps 32 bits of a seed
+    return BatchDraw(rows_B, flip_B, aug_seed_B)
+
+
+class AugmentedImages(Dataset):
+    """Item ``(i, aug_seed)``: image i of ``data`` through its random transform (crop, flip),
+    drawn from a generator seeded by ``aug_seed`` alone. The result does not depend on the
+    process, the worker or what was loaded before, so any number of DataLoader workers gives
+    the same batches and a resumed run repeats the uninterrupted one."""
+
+    def __init__(self, data: Dataset) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, int]:
+        i, aug_seed = key
+        # torchvision's random transforms draw from torch's global generator: fork it so the
+        # caller's random state (label dropout, drop-path) is left as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(aug_seed))
+            x, y = self.data[int(i)]
+        return x, int(y)
+
+
+class StepBatchSampler(Sampler[list[tuple[int, int]]]):
+    """This rank's share (rows ``rank::world``) of the batches of steps ``start .. end-1``, as
+    (image index, augmentation seed) pairs from :func:`draw_batch`."""
+
+    def __init__(self, num_images: int, batch_size: int, seed: int, start: int, end: int,
+                 rank: int = 0, world: int = 1) -> None:  # fmt: skip
+        self.num_images, self.batch_size, self.seed = num_images, batch_size, seed
+        self.start, self.end, self.rank, self.world = start, end, rank, world
+
+    def __len__(self) -> int:
+        return max(self.end - self.start, 0)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for step in range(self.start, self.end):
+            d = draw_batch(self.num_images, self.batch_size, self.seed, step)
+            rows = d.rows_B[self.rank :: self.world].tolist()
+            seeds = d.aug_seed_B[self.rank :: self.world].tolist()
+            yield list(zip(rows, seeds))
+
+
+def online_loader(data: Dataset, *, batch_size: int, seed: int, start: int, end: int,
+                  rank: int = 0, world: int = 1, workers: int = 0,
+                  pin_memory: bool = False) -> DataLoader:  # fmt: skip
+    """Images and labels of this rank's rows of steps ``start .. end-1``, one batch per step,
+    each image through a fresh draw of its random transform (the official VAR trainer's data
+    path: it decodes and augments every step, then encodes with the frozen VQ-VAE).
+    ``workers`` decode in parallel; the batches are the same for any number of them."""
+    n = len(data)  # type: ignore[arg-type]
+    return DataLoader(
+        AugmentedImages(data),
+        batch_sampler=StepBatchSampler(n, batch_size, seed, start, end, rank, world),
+        num_workers=workers,
+        pin_memory=pin_memory,
+        # The loader draws a base seed for its workers; a private generator keeps it from
+        # consuming the global one (our transforms are seeded per item and do not use it).
+        generator=torch.Generator().manual_seed(seed),
+        persistent_workers=False,
+    )
+
+
+def online_key(vae: torch.nn.Module, data: Dataset, *, recipe: str, image_size: int,
+               seed: int) -> dict[str, object]:  # fmt: skip
+    """Everything the tokens of an online run depend on (what the checkpoint records and a
+    resume checks): the VQ-VAE's weights, the data listing, the recipe and the code."""
+    return {
+        "tokenize": "online",
+        "format": TOKEN_CACHE_FORMAT,
+        "vqvae_sha256": vqvae_sha256(vae),
+        "data_sha256": dataset_fingerprint(data),
+        "num_images": len(data),  # type: ignore[arg-type]
+        "recipe": recipe,
+        "image_size": image_size,
+        "seed": seed,
+        "code_sha256": _code_version(),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,10 +413,18 @@ def _code_version() -> str:
     return h.hexdigest()
 
 
+def _crop_seed(seed: int, crop: int) -> int:
+    """The seed whose per-image draws give crop ``crop`` (crop 0: the run's seed itself, so a
+    one-crop cache is the first crop of a K-crop one). torch's CPU generator keeps only the low
+    32 bits of a seed; an odd step keeps the K seeds of one image distinct modulo 2**32."""
+    return seed + crop * 1_000_000_007
+
+
 def token_cache_key(vae: torch.nn.Module, data: Dataset, *, recipe: str, image_size: int,
-                    flips: bool, seed: int, chunk: int) -> dict[str, object]:  # fmt: skip
+                    flips: bool, seed: int, chunk: int, crops: int = 1) -> dict[str, object]:  # fmt: skip
     """Everything a cached token depends on; the cache folder is named by its sha256."""
-    return {
+    # "crops" only when > 1: one-crop caches written before the option keep their key.
+    return ({"crops": crops} if crops > 1 else {}) | {
         "format": TOKEN_CACHE_FORMAT,
         "vqvae_sha256": vqvae_sha256(vae),
         "data_sha256": dataset_fingerprint(data),
@@ -324,14 +450,20 @@ def _part_path(folder: Path, c: int) -> Path:
 @torch.no_grad()
 def encode_shard(vae: torch.nn.Module, data: Dataset, cache_root: str | Path, *, recipe: str,
                  image_size: int, rank: int = 0, world: int = 1, flips: bool = True,
-                 seed: int = 0, chunk: int = 1024, batch_size: int = 32) -> Path:  # fmt: skip
+                 seed: int = 0, chunk: int = 1024, batch_size: int = 32,
+                 crops: int = 1) -> Path:  # fmt: skip
     """Encode this rank's share of ``data`` into the cache folder of its key: parts of
     ``chunk`` images, part c on rank c mod world, each written atomically. A part already on
-    disk is skipped, so a killed job resumes where it stopped. Returns the folder."""
+    disk is skipped, so a killed job resumes where it stopped. Returns the folder.
+
+    ``crops`` = K > 1 encodes K draws of the random transform per image (VAR's random crop),
+    stored per part and scale as (K, n, pn*pn)."""
     from mvar.io import atomic_torch_save, atomic_write_json
 
+    if crops < 1:
+        raise ValueError(f"crops must be >= 1, got {crops}")
     key = token_cache_key(vae, data, recipe=recipe, image_size=image_size, flips=flips,
-                          seed=seed, chunk=chunk)  # fmt: skip
+                          seed=seed, chunk=chunk, crops=crops)  # fmt: skip
     folder = _key_dir(Path(cache_root), key)
     folder.mkdir(parents=True, exist_ok=True)
     manifest = folder / "manifest.json"
@@ -344,18 +476,27 @@ def encode_shard(vae: torch.nn.Module, data: Dataset, cache_root: str | Path, *,
                 folder, rank, world, len(todo), len(mine), chunk)  # fmt: skip
     for done, c in enumerate(todo, 1):
         indices = range(c * chunk, min(n, (c + 1) * chunk))
-        idx_parts: list[list[Tensor]] = []
-        flip_parts: list[list[Tensor]] = []
-        labels: list[int] = []
-        for img, y in _img_batches(data, indices, batch_size, seed):
-            idx, flipped = _encode(vae, img, flips)
-            labels += y
-            idx_parts.append(idx)
-            if flipped is not None:
-                flip_parts.append(flipped)
+        per_crop: list[list[Tensor]] = []  # per crop, per scale (n, pn*pn)
+        per_crop_f: list[list[Tensor]] = []
+        for k in range(crops):
+            idx_parts: list[list[Tensor]] = []
+            flip_parts: list[list[Tensor]] = []
+            labels: list[int] = []
+            for img, y in _img_batches(data, indices, batch_size, _crop_seed(seed, k)):
+                idx, flipped = _encode(vae, img, flips)
+                labels += y
+                idx_parts.append(idx)
+                if flipped is not None:
+                    flip_parts.append(flipped)
+            per_crop.append([torch.cat(ts) for ts in zip(*idx_parts)])
+            per_crop_f.append([torch.cat(ts) for ts in zip(*flip_parts)] if flips else [])
+
+        def stack(views: list[list[Tensor]]) -> list[Tensor]:  # one crop: (n, pn*pn) as before
+            return views[0] if crops == 1 else [torch.stack(ts) for ts in zip(*views)]
+
         part = {
-            "idx": [torch.cat(ts) for ts in zip(*idx_parts)],
-            "flip_idx": [torch.cat(ts) for ts in zip(*flip_parts)] if flips else None,
+            "idx": stack(per_crop),
+            "flip_idx": stack(per_crop_f) if flips else None,
             "labels": torch.tensor(labels, dtype=torch.long),
         }
         atomic_torch_save(part, _part_path(folder, c))
@@ -384,16 +525,22 @@ def load_token_cache(folder: str | Path, key: dict[str, object] | None = None) -
                                     f"(rerun the encoding; finished parts are kept)")  # fmt: skip
         parts.append(torch.load(p, map_location="cpu", weights_only=True))
     flips = bool(saved["flips"])
+
+    def join(views: list[list[Tensor]]) -> list[Tensor]:
+        # Parts hold (n, pn*pn), or (K, n, pn*pn) for K crops: join images, then crop-major.
+        return [torch.cat(ts, dim=-2).flatten(0, -2) for ts in zip(*views)]
+
     return TokenCache(
-        [torch.cat(ts) for ts in zip(*(p["idx"] for p in parts))],
+        join([p["idx"] for p in parts]),
         torch.cat([p["labels"] for p in parts]),
-        [torch.cat(ts) for ts in zip(*(p["flip_idx"] for p in parts))] if flips else None,
+        join([p["flip_idx"] for p in parts]) if flips else None,
+        crops=int(saved.get("crops", 1)),
     )
 
 
 def build_token_cache(vae: torch.nn.Module, data: Dataset, cache_root: str | Path, *,
                       recipe: str, image_size: int, flips: bool = True, seed: int = 0,
-                      chunk: int = 1024, batch_size: int = 32) -> TokenCache:  # fmt: skip
+                      chunk: int = 1024, batch_size: int = 32, crops: int = 1) -> TokenCache:  # fmt: skip
     """Paper-scale tokenising: every rank encodes its parts (:func:`encode_shard`), then all
     wait for each other and load the whole cache. Resumable and keyed by its inputs."""
     from mvar import dist
@@ -401,8 +548,8 @@ def build_token_cache(vae: torch.nn.Module, data: Dataset, cache_root: str | Pat
     rank, world = dist.get_rank(), dist.get_world_size()
     folder = encode_shard(vae, data, cache_root, recipe=recipe, image_size=image_size,
                           rank=rank, world=world, flips=flips, seed=seed, chunk=chunk,
-                          batch_size=batch_size)  # fmt: skip
+                          batch_size=batch_size, crops=crops)  # fmt: skip
     dist.barrier()
     key = token_cache_key(vae, data, recipe=recipe, image_size=image_size, flips=flips,
-                          seed=seed, chunk=chunk)  # fmt: skip
+                          seed=seed, chunk=chunk, crops=crops)  # fmt: skip
     return load_token_cache(folder, key)

@@ -17,6 +17,14 @@
 * The batch of step g is a pure function of (seed, g), split across ranks: an interrupted run
   resumes from ``last.pth`` (written atomically) and reproduces the uninterrupted one. A resume
   whose settings differ from the saved ones is refused unless ``--allow-changed-args``.
+* Tokens (``--tokenize``): ``online`` loads each step's images through the recipe's random
+  transform (a fresh crop, and flip where the recipe flips, seeded by (seed, g, row)) and
+  encodes them with the frozen VQ-VAE in the loop, as the official VAR trainer does;
+  ``cached`` tokenises the data once (``mvar.data.build_token_cache``: sharded over ranks,
+  resumable, keyed by its inputs): for MVAR's recipe both flips, drawn per row and step, as
+  the official MVAR trainer's latent cache does; for VAR's, one random crop per image frozen
+  at encode time (``--crops K`` caches K and draws one per row and step). ``auto`` is online for the VAR recipe on an image folder and cached
+  otherwise (docs/var.md §4.4, docs/mvar.md §3.3).
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import json
 import logging
 import math
 import os
@@ -54,8 +63,11 @@ from mvar.data import (
     SyntheticShapes,
     TokenCache,
     build_token_cache,
+    draw_batch,
     encode_dataset,
     imagenet_folder,
+    online_key,
+    online_loader,
 )
 from mvar.io import atomic_torch_save, atomic_write
 from mvar.schedule import OFFICIAL_RATIO_K, TrainSchedule, scales_label
@@ -67,6 +79,7 @@ logger = logging.getLogger(__name__)
 
 AMP_CHOICES = ("none", "fp16", "bf16")
 RECIPE_CHOICES = ("var", "mvar")
+TOKENIZE_CHOICES = ("auto", "cached", "online")
 
 
 class TrainError(ValueError):
@@ -92,6 +105,9 @@ class TrainConfig:
     seed: int = 0
     data: str = "synthetic"  # "synthetic" or an ImageNet-layout folder
     recipe: str = "var"  # augmentation recipe for folders (var | mvar)
+    tokenize: str = "auto"  # cached | online | auto (online for recipe var on a folder)
+    workers: int = 4  # online mode: image-decoding DataLoader workers (0: in this process)
+    crops: int = 1  # cached mode, recipe var: random crops per image in the token cache
     token_cache: str | None = None  # folder of the on-disk token cache; None: <out>/token_cache
     synthetic_classes: int = 10
     synthetic_per_class: int = 64
@@ -104,7 +120,7 @@ class TrainConfig:
     allow_changed_args: bool = False  # resume even if the saved settings differ (recorded)
 
     def __post_init__(self) -> None:
-        positive = ("steps", "batch_size", "ckpt_every", "log_every", "ratio_k",
+        positive = ("steps", "batch_size", "ckpt_every", "log_every", "ratio_k", "crops",
                     "synthetic_classes", "synthetic_per_class")  # fmt: skip
         for name in positive:
             v = getattr(self, name)
@@ -124,6 +140,15 @@ class TrainConfig:
             raise TrainError(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
         if self.recipe not in RECIPE_CHOICES:
             raise TrainError(f"--recipe must be one of {', '.join(RECIPE_CHOICES)}, got {self.recipe!r}")
+        if self.tokenize not in TOKENIZE_CHOICES:
+            raise TrainError(f"--tokenize must be one of {', '.join(TOKENIZE_CHOICES)}, "
+                             f"got {self.tokenize!r}")  # fmt: skip
+        if not isinstance(self.workers, int) or self.workers < 0:
+            raise TrainError(f"--workers must be an integer >= 0, got {self.workers!r}")
+        if self.crops > 1 and (self.data == "synthetic" or self.recipe != "var"
+                               or self.tokenize != "cached"):  # fmt: skip
+            raise TrainError(f"--crops {self.crops} needs an image folder with --recipe var and "
+                             f"--tokenize cached (the other ways have no frozen crop to multiply)")  # fmt: skip
         try:
             get_preset(self.model)
         except KeyError as e:
@@ -135,7 +160,7 @@ class TrainConfig:
 
 #: Fields that change nothing the run computes: they may differ on resume.
 RESUME_FREE_FIELDS = frozenset({"out_dir", "ckpt_every", "stop_after", "log_every", "device",
-                                "allow_changed_args", "token_cache"})  # fmt: skip
+                                "allow_changed_args", "token_cache", "workers"})  # fmt: skip
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -158,25 +183,42 @@ def _device(name: str) -> torch.device:
     return dist.default_device() if name == "auto" else torch.device(name)
 
 
-def _load_tokens(cfg: TrainConfig, vae: nn.Module, data: Dataset | None) -> TokenCache:
+def tokenize_mode(cfg: TrainConfig, *, data_given: bool = False) -> str:
+    """``cached`` or ``online`` for this run: ``auto`` is the official trainer's way for the
+    recipe at paper scale (an image folder): VAR encodes on the fly, so every step sees a new
+    random crop; MVAR's latent cache (both flips) loses nothing, its crop being the centre.
+    Generated or in-process data have no random transform to keep alive: cached."""
+    if cfg.tokenize != "auto":
+        return cfg.tokenize
+    folder = cfg.data != "synthetic" and not data_given
+    return "online" if folder and cfg.recipe == "var" else "cached"
+
+
+def _image_source(cfg: TrainConfig, vae: nn.Module, data: Dataset | None, *,
+                  random_flip: bool) -> Dataset:  # fmt: skip
+    """The run's images in [-1, 1] with their labels (each item through its random transform)."""
     if data is not None:
-        return encode_dataset(vae, data, seed=cfg.seed)
+        return data
     if cfg.data == "synthetic":
-        synthetic = SyntheticShapes(
-            cfg.synthetic_classes, cfg.synthetic_per_class, vae.cfg.image_size, cfg.seed
-        )
-        return encode_dataset(vae, synthetic, seed=cfg.seed)
+        return SyntheticShapes(cfg.synthetic_classes, cfg.synthetic_per_class, vae.cfg.image_size, cfg.seed)
+    return imagenet_folder(cfg.data, vae.cfg.image_size, cfg.recipe, random_flip=random_flip)
+
+
+def _load_tokens(cfg: TrainConfig, vae: nn.Module, data: Dataset | None) -> TokenCache:
+    if data is not None or cfg.data == "synthetic":
+        return encode_dataset(vae, _image_source(cfg, vae, data, random_flip=False), seed=cfg.seed)
     # An image folder: the on-disk latent cache, sharded over ranks, resumable, keyed by its
     # inputs. MVAR's recipe flips half the images: both orientations are cached and the flip
-    # is drawn per row and step. VAR's random crop is drawn once per image (seeded).
+    # is drawn per row and step. VAR's random crop is drawn once per image (seeded) and frozen.
     flips = cfg.recipe == "mvar"
     if cfg.recipe == "var":
-        logger.warning("recipe var: the random crop is drawn once per image when tokenising "
-                       "(the cache keeps one crop per image)")  # fmt: skip
+        logger.warning("--tokenize cached with recipe var: %d random crop(s) per image, frozen "
+                       "when tokenising (the official VAR trainer draws a new crop every step: "
+                       "--tokenize online)", cfg.crops)  # fmt: skip
     folder = imagenet_folder(cfg.data, vae.cfg.image_size, cfg.recipe, random_flip=False)
     root = cfg.token_cache or str(Path(cfg.out_dir) / "token_cache")
     return build_token_cache(vae, folder, root, recipe=cfg.recipe, image_size=vae.cfg.image_size,
-                             flips=flips, seed=cfg.seed)  # fmt: skip
+                             flips=flips, seed=cfg.seed, crops=cfg.crops)  # fmt: skip
 
 
 def tokens_fingerprint(tokens: TokenCache) -> str:
@@ -201,6 +243,13 @@ def _check_tokens(tokens: TokenCache, mcfg: Any, source: str) -> None:
         raise TrainError(f"{source}: token ids outside 0..{mcfg.vocab_size - 1} (max {hi})")
     if int(tokens.labels.min()) < 0 or int(tokens.labels.max()) >= mcfg.num_classes:
         raise TrainError(f"{source}: labels outside 0..{mcfg.num_classes - 1}")
+
+
+def _check_labels(images: Dataset, mcfg: Any) -> None:
+    """An image folder's classes must fit the model (checked again on every batch)."""
+    classes = getattr(images, "classes", None)
+    if classes is not None and len(classes) > mcfg.num_classes:
+        raise TrainError(f"--data has {len(classes)} classes; {mcfg.name} has {mcfg.num_classes}")
 
 
 def _validate_paths(cfg: TrainConfig) -> Path:
@@ -268,11 +317,19 @@ def train(cfg: TrainConfig, *, tokens: TokenCache | None = None,
 
     In-process callers may hand over ``tokens`` (a pre-computed :class:`TokenCache`, e.g. of
     their own data) or ``data`` (a data set of (image in [-1, 1], label) to tokenise with the
-    run's VQ-VAE) instead of ``cfg.data``; the tokens' sha256 is stored in the checkpoint and
-    checked on resume either way.
+    run's VQ-VAE, once or, with ``tokenize="online"``, every step through its own random
+    transform) instead of ``cfg.data``. The sha256 of what the run trains on (the tokens; or,
+    online, the VQ-VAE's weights, the data listing, the recipe and the code) is stored in the
+    checkpoint and checked on resume.
     """
     if tokens is not None and data is not None:
         raise TrainError("pass tokens or data, not both")
+    mode = tokenize_mode(cfg, data_given=data is not None)
+    if mode == "online" and tokens is not None:
+        raise TrainError("--tokenize online encodes images every step: pass data (images), not tokens")
+    if cfg.crops > 1 and (tokens is not None or data is not None):
+        raise TrainError("--crops applies to the token cache of --data <folder>, not to tokens or "
+                         "data passed in")  # fmt: skip
     distributed = dist.init_from_env()
     rank, world = dist.get_rank(), dist.get_world_size()
     if cfg.batch_size % world:
@@ -325,18 +382,32 @@ def train(cfg: TrainConfig, *, tokens: TokenCache | None = None,
         logger.warning("no --vae-ckpt: using a seeded random-init VQ-VAE (embedded runs only)")
         vae = build_vqvae(mcfg.vae, device).eval()
     vae.requires_grad_(False)
-    if tokens is None:
-        tokens = _load_tokens(cfg, vae, data)
-        _check_tokens(tokens, mcfg, "tokenised data")
+    images: Dataset | None = None  # online mode: the images, encoded every step
+    if mode == "online":
+        images = _image_source(cfg, vae, data, random_flip=True)
+        _check_labels(images, mcfg)
+        try:
+            key = online_key(vae, images, recipe=cfg.recipe, image_size=vae.cfg.image_size, seed=cfg.seed)
+        except ValueError as e:
+            raise TrainError(f"--tokenize online: {e}") from None
+        fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+        num_images = len(images)  # type: ignore[arg-type]
+        logger.info("tokenising online: %d images through recipe %s, encoded every step", num_images, cfg.recipe)
     else:
-        _check_tokens(tokens, mcfg, "tokens passed to train()")
-    fingerprint = tokens_fingerprint(tokens)
+        if tokens is None:
+            tokens = _load_tokens(cfg, vae, data)
+            _check_tokens(tokens, mcfg, "tokenised data")
+        else:
+            _check_tokens(tokens, mcfg, "tokens passed to train()")
+        fingerprint = tokens_fingerprint(tokens)
+        num_images = len(tokens)
     if state is not None and state.get("tokens_sha256", fingerprint) != fingerprint:
         if not cfg.allow_changed_args:
             raise TrainError(
                 f"cannot resume from {last}: the training tokens differ from the saved run's "
-                f"(sha256 {state['tokens_sha256'][:12]}… vs {fingerprint[:12]}…); use the same "
-                f"data, another --out, or --allow-changed-args"
+                f"(sha256 {state['tokens_sha256'][:12]}… vs {fingerprint[:12]}…: other data, "
+                f"VQ-VAE, recipe or tokenising mode); use the same data, another --out, or "
+                f"--allow-changed-args"
             )
         arg_changes.append({"step": int(state["trainer"]["step"]),
                             "saved": {"tokens_sha256": state["tokens_sha256"]},
@@ -392,21 +463,39 @@ def train(cfg: TrainConfig, *, tokens: TokenCache | None = None,
                 schedule.describe())  # fmt: skip
     bar = tqdm(range(start, end), initial=start, total=cfg.steps, desc=f"train {mcfg.name}",
                disable=rank != 0)  # fmt: skip
+    # Online: this rank's images of steps start..end-1, decoded (and augmented) by workers.
+    batches = None
+    if images is not None:
+        loader = online_loader(images, batch_size=cfg.batch_size, seed=cfg.seed, start=start,
+                               end=end, rank=rank, world=world, workers=cfg.workers,
+                               pin_memory=device.type == "cuda")  # fmt: skip
+        batches = iter(loader)
     for step in bar:
         scales = schedule.chunk_at(step)
-        # Everything random in step g (batch rows, label dropout, drop-path) derives from
-        # (seed, g, rank), so a resumed run repeats the uninterrupted one exactly.
+        # Everything random in step g (batch rows, flips and crops, label dropout, drop-path)
+        # derives from (seed, g, rank), so a resumed run repeats the uninterrupted one exactly.
         torch.manual_seed(cfg.seed * 1_000_003 + step * 1_009 + rank)
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        rows = torch.randint(len(tokens), (cfg.batch_size,), generator=g)
-        # The 50% horizontal flip of MVAR's recipe, drawn per row and step (cached both ways).
-        flip_B = (torch.rand(cfg.batch_size, generator=g) < 0.5)[rank::world] if tokens.has_flips else None
-        idx_Bl, label_B = tokens.batch(rows[rank::world], flip_B)
-        idx_Bl, label_B = [t.to(device) for t in idx_Bl], label_B.to(device)
+        if batches is not None:
+            img_B3HW, label_B = next(batches)
+            if int(label_B.min()) < 0 or int(label_B.max()) >= mcfg.num_classes:
+                raise TrainError(f"step {step}: labels outside 0..{mcfg.num_classes - 1}")
+            t0 = time.perf_counter()  # the step's time includes encoding (not decoding)
+            with torch.no_grad():
+                idx_Bl = vae.img_to_idx(img_B3HW.to(device, non_blocking=True))
+        else:
+            assert tokens is not None
+            draw = draw_batch(num_images, cfg.batch_size, cfg.seed, step)
+            # The 50% horizontal flip of MVAR's recipe, drawn per row and step (cached both ways).
+            flip_B = draw.flip_B[rank::world] if tokens.has_flips else None
+            # --crops K: one of the K cached crops per row and step, from the row's own seed.
+            crop_B = draw.aug_seed_B[rank::world] % tokens.crops if tokens.crops > 1 else None
+            idx_Bl, label_B = tokens.batch(draw.rows_B[rank::world], flip_B, crop_B)
+            idx_Bl = [t.to(device) for t in idx_Bl]
+            t0 = time.perf_counter()
+        label_B = label_B.to(device)
         lr = lr_at(step, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
-        t0 = time.perf_counter()
         x_BLCv = vae.idx_to_teacher_input(idx_Bl)
         loss = train_step(model, opt, label_B, x_BLCv, torch.cat(idx_Bl, dim=1), scales,
                           grad_clip=cfg.grad_clip, amp_dtype=amp_dtype, scaler=scaler, net=ddp)  # fmt: skip
@@ -448,6 +537,17 @@ HELP: dict[str, str] = {
     "data": "'synthetic' (generated shapes) or an ImageNet-layout folder root/<class>/<image>",
     "recipe": "augmentation recipe for image folders: var (resize 1.125x, random crop) or "
               "mvar (ADM centre crop, horizontal flips)",
+    "tokenize": "online: every step loads its images through the recipe's random transform "
+                "(a new crop, and flip for mvar) and encodes them with the frozen VQ-VAE, as the "
+                "official VAR trainer; cached: tokenise once into the token cache (recipe mvar: "
+                "both flips, drawn per step, as the official MVAR trainer's latent cache; recipe "
+                "var: the random crop is frozen per image, see --crops); auto: online for recipe var on an image folder, "
+                "cached otherwise",
+    "workers": "online mode: DataLoader workers decoding images (0: in the training process; "
+               "the batches are the same for any number)",
+    "crops": "cached mode with recipe var: cache this many random crops per image and draw "
+             "one per row and step (more augmentation than one frozen crop, K times the "
+             "encoding; online is the official VAR trainer's way)",
     "token_cache": "folder of the token cache of an image folder (sharded over ranks, "
                    "resumable, keyed by VQ-VAE, data listing, recipe and code); default "
                    "<out>/token_cache",
@@ -478,7 +578,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="mvar train", description=__doc__, formatter_class=_HelpFormatter)
     kinds = {"int": int, "float": float, "str": str}
-    choices = {"amp": AMP_CHOICES, "recipe": RECIPE_CHOICES}
+    choices = {"amp": AMP_CHOICES, "recipe": RECIPE_CHOICES, "tokenize": TOKENIZE_CHOICES}
     for f in dataclasses.fields(TrainConfig):
         flag = "--out" if f.name == "out_dir" else "--" + f.name.replace("_", "-")
         base = str(f.type).replace(" | None", "")
