@@ -78,7 +78,7 @@ __all__ = ["TrainConfig", "TrainError", "lr_at", "param_groups", "train", "main"
 logger = logging.getLogger(__name__)
 
 AMP_CHOICES = ("none", "fp16", "bf16")
-RECIPE_CHOICES = ("var", "mvar")
+RECIPE_CHOICES = ("auto", "var", "mvar")
 TOKENIZE_CHOICES = ("auto", "cached", "online")
 
 
@@ -104,7 +104,7 @@ class TrainConfig:
     ratio_k: int = OFFICIAL_RATIO_K  # MVAR: iterations on the packed chunk per cycle
     seed: int = 0
     data: str = "synthetic"  # "synthetic" or an ImageNet-layout folder
-    recipe: str = "var"  # augmentation recipe for folders (var | mvar)
+    recipe: str = "auto"  # augmentation recipe for folders (var | mvar; auto: the model's own)
     tokenize: str = "auto"  # cached | online | auto (online for recipe var on a folder)
     workers: int = 4  # online mode: image-decoding DataLoader workers (0: in this process)
     crops: int = 1  # cached mode, recipe var: random crops per image in the token cache
@@ -145,14 +145,16 @@ class TrainConfig:
                              f"got {self.tokenize!r}")  # fmt: skip
         if not isinstance(self.workers, int) or self.workers < 0:
             raise TrainError(f"--workers must be an integer >= 0, got {self.workers!r}")
+        try:
+            arch = get_preset(self.model).arch
+        except KeyError as e:
+            raise TrainError(str(e.args[0])) from None
+        if self.recipe == "auto":  # each official trainer's own recipe (docs/var.md §4.4, docs/mvar.md §3.3)
+            object.__setattr__(self, "recipe", arch)
         if self.crops > 1 and (self.data == "synthetic" or self.recipe != "var"
                                or self.tokenize != "cached"):  # fmt: skip
             raise TrainError(f"--crops {self.crops} needs an image folder with --recipe var and "
                              f"--tokenize cached (the other ways have no frozen crop to multiply)")  # fmt: skip
-        try:
-            get_preset(self.model)
-        except KeyError as e:
-            raise TrainError(str(e.args[0])) from None
 
     def peak_lr(self) -> float:
         return self.lr if self.lr is not None else 1e-4 * self.batch_size / 256
@@ -536,7 +538,8 @@ HELP: dict[str, str] = {
     "seed": "seed of initialisation, batches, label dropout and drop-path",
     "data": "'synthetic' (generated shapes) or an ImageNet-layout folder root/<class>/<image>",
     "recipe": "augmentation recipe for image folders: var (resize 1.125x, random crop) or "
-              "mvar (ADM centre crop, horizontal flips)",
+              "mvar (ADM centre crop, horizontal flips); auto: the model's own (var for VAR "
+              "presets, mvar for MVAR presets, as each official trainer)",
     "tokenize": "online: every step loads its images through the recipe's random transform "
                 "(a new crop, and flip for mvar) and encodes them with the frozen VQ-VAE, as the "
                 "official VAR trainer; cached: tokenise once into the token cache (recipe mvar: "

@@ -203,3 +203,12 @@ def test_trainer_with_k_cached_crops(folder: Path, tmp_path: Path) -> None:
 def test_crops_outside_the_var_token_cache_are_refused(kw: dict, message: str) -> None:
     with pytest.raises(TrainError, match=message):
         TrainConfig(**kw)
+
+
+def test_recipe_auto_follows_the_architecture() -> None:
+    # Each official trainer's own recipe unless one is named (docs/var.md §4.4, docs/mvar.md §3.3).
+    assert TrainConfig(model="var-tiny").recipe == "var"
+    assert TrainConfig(model="mvar-d16").recipe == "mvar"
+    assert TrainConfig(model="mvar-tiny", recipe="var").recipe == "var"
+    assert tokenize_mode(TrainConfig(model="var-d16", data="/imagenet")) == "online"
+    assert tokenize_mode(TrainConfig(model="mvar-d16", data="/imagenet")) == "cached"
