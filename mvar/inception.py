@@ -36,12 +36,16 @@ import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from mvar.io import atomic_path, atomic_torch_save, progress, safe_torch_load
 from mvar.metrics import sha256_file
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +115,7 @@ class SfidCapture:
     def _hook(self, _m: torch.nn.Module, _args: tuple, out: torch.Tensor) -> None:
         self.batches.append(sfid_flatten(out.detach()).double().cpu().numpy())
 
-    def __enter__(self) -> SfidCapture:
+    def __enter__(self) -> Self:
         self._handle = self.module.register_forward_hook(self._hook)
         return self
 

@@ -52,7 +52,13 @@ from mvar.profiling import (
     time_call,
 )
 from mvar.schedule import TrainSchedule, scales_label
-from mvar.step import DEFAULT_GRAD_CLIP, DEFAULT_WEIGHT_DECAY, make_optimizer, make_scaler, train_step
+from mvar.step import (
+    DEFAULT_GRAD_CLIP,
+    DEFAULT_WEIGHT_DECAY,
+    make_optimizer,
+    make_scaler,
+    train_step,
+)
 
 #: The sampling settings the compute columns use: VAR's FID defaults (cfg 1.5, top-k 900,
 #: top-p 0.96; docs/var.md §3), from ``mvar.config`` (memory and FLOPs do not depend on them).

@@ -220,7 +220,7 @@ def _matmul_op_macs(name: str, args: tuple, out: Any) -> int | None:
     ``mm``/``addmm``/``bmm`` calls below, so every ``nn.Linear`` is counted here.
     """
     if name in ("mm", "addmm", "bmm", "baddbmm", "mv", "addmv", "dot"):
-        a, b = (args[1], args[2]) if name.startswith("add") or name == "baddbmm" else args[:2]
+        a = args[1] if name.startswith("add") or name == "baddbmm" else args[0]
         # out has every dimension but the contracted one, the contracted one is a's last.
         return _numel(out.shape) * int(a.shape[-1])
     if name in ("convolution", "_convolution"):
@@ -323,7 +323,7 @@ class ModelFlopCounter(TorchDispatchMode):
                     self._handles.append(m.register_forward_hook(post))
         return super().__enter__()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         try:
             super().__exit__(*exc)
         finally:
