@@ -20,8 +20,11 @@ Features per image (uint8, any size; the net resizes to 299 the TF way):
 ``pool`` = 2048-d pool_3 (FID, precision/recall), ``logits`` = 1008-way pool_3 x W without the
 bias (``logits_unbiased``; what the ADM evaluator's softmax sees) for IS.
 
-sFID needs the spatial ``mixed_6/conv`` activations, which torch-fidelity 0.4.0's extractor
-does not expose (:data:`SFID_STATUS`), so sFID is reported as not supported, never estimated.
+sFID uses the ADM evaluator's spatial ``mixed_6/conv:0`` activations. Which module of
+torch-fidelity's network produces them is established in docs/evaluation.md §3.5
+(``Mixed_6d.branch1x1``, after its ReLU); :class:`SfidCapture` reads them with a forward hook in
+the evaluator's NHWC order. ``mvar evaluate`` does not yet compute sFID from them
+(:data:`SFID_STATUS`).
 """
 
 from __future__ import annotations
@@ -33,12 +36,16 @@ import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from mvar.io import atomic_path, atomic_torch_save, progress, safe_torch_load
 from mvar.metrics import sha256_file
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +65,69 @@ POOL_FEATURE = "2048"
 LOGITS_FEATURE = "logits_unbiased"
 POOL_DIM, NUM_LOGITS = 2048, 1008
 
+# sFID (docs/evaluation.md §3.5): the ADM evaluator takes ``mixed_6/conv:0`` of the 2015 TF graph,
+# a (N, 17, 17, 192) NHWC tensor, keeps channels [:7] and flattens. torch-fidelity's own weight
+# converter maps that TF layer's conv and batchnorm onto ``Mixed_6d.branch1x1`` (TF numbering:
+# mixed..mixed_2 = Mixed_5b..5d, mixed_3 = Mixed_6a, mixed_4..mixed_7 = Mixed_6b..6e); the
+# tensor named by the layer itself is the activation after its ReLU, which is what the
+# BasicConv2d module returns.
+SFID_MODULE = "Mixed_6d.branch1x1"
+SFID_CHANNELS = 7
+SFID_GRID = 17
+SFID_DIM = SFID_GRID * SFID_GRID * SFID_CHANNELS  # 2023
+
 SFID_STATUS = (
-    "not supported: torch-fidelity 0.4.0's inception-v3-compat extractor exposes only the "
-    "64/192/768/2048 pooled features and the logits, not the spatial mixed_6/conv activations "
-    "sFID is computed from"
+    "not supported: the spatial feature is identified (torch-fidelity's Mixed_6d.branch1x1, "
+    "docs/evaluation.md §3.5; mvar.inception.SfidCapture) but mvar evaluate does not yet "
+    "compute or cache it, and the mapping has not been checked numerically against the TF graph"
 )
+
+
+def sfid_flatten(module_out_BCHW: torch.Tensor) -> torch.Tensor:
+    """The ADM evaluator's sFID feature from the module output: NCHW -> NHWC (TensorFlow's
+    order), channels [:7], flattened to (N, 17·17·7 = 2023)."""
+    if module_out_BCHW.dim() != 4 or tuple(module_out_BCHW.shape[2:]) != (SFID_GRID, SFID_GRID):
+        raise ValueError(
+            f"sFID expects a (N, C, {SFID_GRID}, {SFID_GRID}) map from {SFID_MODULE}, got "
+            f"{tuple(module_out_BCHW.shape)}"
+        )
+    x_BHWC = module_out_BCHW.permute(0, 2, 3, 1)[..., :SFID_CHANNELS]
+    return x_BHWC.reshape(x_BHWC.shape[0], -1)
+
+
+class SfidCapture:
+    """Capture the sFID feature of every forward of ``net`` (torch-fidelity's Inception) with a
+    forward hook on :data:`SFID_MODULE`; ``batches`` holds one (B, 2023) float64 array per
+    forward.
+
+    Usage::
+
+        with SfidCapture(net) as cap:
+            net(x_B3HW)
+        spatial = np.concatenate(cap.batches)
+    """
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        self.module = net.get_submodule(SFID_MODULE)
+        self.batches: list[np.ndarray] = []
+        self._handle: torch.utils.hooks.RemovableHandle | None = None
+
+    def _hook(self, _m: torch.nn.Module, _args: tuple, out: torch.Tensor) -> None:
+        self.batches.append(sfid_flatten(out.detach()).double().cpu().numpy())
+
+    def __enter__(self) -> Self:
+        self._handle = self.module.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+# --------------------------------------------------------------------------------------------
+# Locating and checking the weights
+# --------------------------------------------------------------------------------------------
 
 
 def _torch_fidelity_extractor_cls() -> type:
@@ -74,11 +139,6 @@ def _torch_fidelity_extractor_cls() -> type:
             "`pip install -e .[eval]`"
         ) from e
     return FeatureExtractorInceptionV3
-
-
-# --------------------------------------------------------------------------------------------
-# Locating and checking the weights
-# --------------------------------------------------------------------------------------------
 
 
 def candidate_weight_paths(

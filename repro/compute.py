@@ -6,6 +6,9 @@ What is measured, and how (``method`` in every row, vocabulary in ``repro/report
 * **Attention-block FLOPs** (``counted``): :class:`~mvar.profiling.AttentionCounter` hooked on
   a real model while it samples under ``FakeTensorMode`` (paper size, nothing allocated), and
   the closed form (``analytic``).
+* **Full-model FLOPs** (``counted``): :class:`~mvar.profiling.ModelFlopCounter`, every
+  matmul/convolution the real sampler dispatches under ``FakeTensorMode``, guidance rows
+  included, and the closed form (``analytic``), docs/counting.md §4.
 * **KV cache** (``counted``): bytes of the VAR sampler's actual K/V tensors at the end of
   sampling; 0 for MVAR, which has none (docs/mvar.md §1).
 * **Peak memory without a GPU** (``estimated``): the live-bytes tracker under
@@ -38,6 +41,8 @@ from mvar.profiling import (
     CudaMemory,
     FakeModels,
     LiveBytesTracker,
+    ModelFlopCounter,
+    ModelMacs,
     Timing,
     build_fake,
     cuda_memory,
@@ -47,7 +52,13 @@ from mvar.profiling import (
     time_call,
 )
 from mvar.schedule import TrainSchedule, scales_label
-from mvar.step import DEFAULT_GRAD_CLIP, DEFAULT_WEIGHT_DECAY, make_optimizer, make_scaler, train_step
+from mvar.step import (
+    DEFAULT_GRAD_CLIP,
+    DEFAULT_WEIGHT_DECAY,
+    make_optimizer,
+    make_scaler,
+    train_step,
+)
 
 #: The sampling settings the compute columns use: VAR's FID defaults (cfg 1.5, top-k 900,
 #: top-p 0.96; docs/var.md §3), from ``mvar.config`` (memory and FLOPs do not depend on them).
@@ -95,6 +106,29 @@ def count_sampling(
     )  # fmt: skip
 
 
+def count_model_macs(
+    cfg: ModelConfig | str,
+    *,
+    batch: int = 1,
+    guidance: float = FID_SAMPLING.cfg,
+    top_k: int = FID_SAMPLING.top_k,
+    top_p: float = FID_SAMPLING.top_p,
+    decode: bool = True,
+    models: FakeModels | None = None,
+) -> ModelMacs:
+    """Run the real sampler under ``FakeTensorMode`` with :class:`ModelFlopCounter`: the
+    multiply-accumulates of every matmul and convolution it dispatches (both halves of a guided
+    batch), by transformer / VQ-VAE, per ``batch`` images; the VQ-VAE decode only if
+    ``decode`` (docs/counting.md §4)."""
+    cfg = _config(cfg)
+    m = models or build_fake(cfg)
+    with m.fake_mode:
+        labels = labels_for(batch)
+        with ModelFlopCounter(m.model, m.vae, images=batch) as counter:
+            m.model.sample(
+                m.vae, labels, cfg=guidance, top_k=top_k, top_p=top_p, g_seed=0, decode=decode
+            )
+    return counter.result()
 
 
 @dataclass(frozen=True)

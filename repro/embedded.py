@@ -438,8 +438,8 @@ def train_step_seconds(history: list[dict[str, str]], cfg: Any, skip: int = 10) 
 
 def measure_compute(name: str, model: torch.nn.Module, vae: torch.nn.Module, tokens: TokenCache,
                     study: StudyConfig, device: torch.device) -> dict[str, Any]:  # fmt: skip
-    """Peak memory of token generation, KV cache, sampling latency, attention GFLOPs and the
-    training-step peak, on real tensors of the trained model on ``device``."""
+    """Peak memory of token generation, KV cache, sampling latency, attention GFLOPs, full-model
+    GFLOPs per image and the training-step peak, on real tensors of the trained model on ``device``."""
     from mvar import profiling as prof
     from mvar.schedule import TrainSchedule, scales_label
     from mvar.step import make_optimizer, train_step
@@ -461,10 +461,15 @@ def measure_compute(name: str, model: torch.nn.Module, vae: torch.nn.Module, tok
     timing = prof.time_call(lambda: model.sample(vae, labels, **kw), device=device, warmup=1,
                             repeats=study.latency_repeats)  # fmt: skip
     out["sampling_latency"] = timing.median_s
-    # Attention MACs per image of one sampling run (counted by hooks on the attention cores).
-    with torch.no_grad(), prof.AttentionCounter(model) as counter:
+    # Attention MACs per image of one sampling run (counted by hooks on the attention cores)
+    # and, in the same run, the full model's MACs per image: every matmul/convolution the
+    # sampler dispatches, guidance rows included (docs/counting.md §4).
+    with torch.no_grad(), prof.AttentionCounter(model) as counter, \
+            prof.ModelFlopCounter(model, vae, images=1) as full:  # fmt: skip
         model.sample(vae, labels[:1], **kw)
     out["attention_gflops"] = counter.result().gflops
+    out["full_gflops_per_image"] = full.result().full_gflops_per_image
+    out["vae_decode_gflops_per_image"] = full.result().vae_gflops_per_image
     # Training step: the trainer's own step (mvar.step.train_step: param groups, clipping,
     # AdamW) on a real batch; one warm-up iteration first so AdamW's state exists (steady
     # state), then every chunk of the model's schedule once, peak live bytes per chunk

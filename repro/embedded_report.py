@@ -32,6 +32,9 @@ TABLE2_METRICS: dict[str, tuple[str, str]] = {  # metric -> (unit, method)
     "train_step_time": ("s per iteration", "measured"),
     "train_peak_memory": ("bytes", "measured"),
     "attention_gflops": ("GFLOPs per image", "counted"),
+    # Not the paper's column: the whole transformer, both CFG halves (docs/counting.md §4).
+    "full_gflops_per_image": ("GFLOPs (1 MAC = 1 FLOP) per image", "counted"),
+    "vae_decode_gflops_per_image": ("GFLOPs (1 MAC = 1 FLOP) per image", "counted"),
 }
 LABELS = {
     "var-tiny": "VAR-tiny", "mvar-tiny": "MVAR-tiny", "mvar-tiny-finetune": "MVAR†-tiny",
@@ -68,7 +71,7 @@ def table2_rows(r: StudyResult) -> list[ResultRow]:
     for name, c in r.compute.items():
         for metric, (unit, method) in TABLE2_METRICS.items():
             batch = r.study.batch_size if metric.startswith("train") else (
-                1 if metric == "attention_gflops" else r.study.latency_batch)  # fmt: skip
+                1 if "gflops" in metric else r.study.latency_batch)  # fmt: skip
             rows.append(make_row(env, TABLE2, name, metric, float(c[metric]), method=method,
                                  unit=unit, batch=batch, paper_value=None,
                                  backend=c["na_backend"]))  # fmt: skip
@@ -251,7 +254,8 @@ def reading(r: StudyResult) -> list[str]:
             f"{cm['sampling_latency'] / cv['sampling_latency']:.2f}x; training iteration time "
             f"{cm['train_step_time'] / cv['train_step_time']:.2f}x (each under its own schedule); "
             f"training peak memory {cm['train_peak_memory'] / cv['train_peak_memory']:.2f}x; "
-            f"attention GFLOPs {cm['attention_gflops'] / cv['attention_gflops']:.2f}x."
+            f"attention GFLOPs {cm['attention_gflops'] / cv['attention_gflops']:.2f}x; full-model "
+            f"GFLOPs per image {cm['full_gflops_per_image'] / cv['full_gflops_per_image']:.2f}x."
         )
     return out
 
@@ -313,14 +317,16 @@ def write_report(r: StudyResult, out: Path) -> Path:
         "## Table 2 at toy scale (measured on this machine, one run)",
         "",
         "| model | gen. peak memory (MiB) | KV cache (MiB) | latency (s/batch) | train iter (s) | "
-        "train peak (MiB) | attention GFLOPs/image | NA backend |",
-        "|---|---|---|---|---|---|---|---|",
+        "train peak (MiB) | attention GFLOPs/image | full-model GFLOPs/image | "
+        "VQ-VAE GFLOPs/image | NA backend |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, c in r.compute.items():
         lines.append(f"| `{name}` | {c['generation_peak_memory'] / 2**20:.2f} | "
                      f"{c['kv_cache'] / 2**20:.2f} | {c['sampling_latency']:.3f} | "
                      f"{c['train_step_time']:.3f} | {c['train_peak_memory'] / 2**20:.2f} | "
-                     f"{c['attention_gflops']:.4f} | {c['na_backend']} |")  # fmt: skip
+                     f"{c['attention_gflops']:.4f} | {c['full_gflops_per_image']:.4f} | "
+                     f"{c['vae_decode_gflops_per_image']:.4f} | {c['na_backend']} |")  # fmt: skip
     lines += [
         "",
         f"Memory: peak of live tensor bytes (weights of the transformer and VQ-VAE included) of "
@@ -334,7 +340,11 @@ def write_report(r: StudyResult, out: Path) -> Path:
         "chunk's share of the model's schedule (VAR: every iteration all scales; MVAR and the "
         "ablation: 8 x scales 0-7, then 8, then 9). Attention GFLOPs: MACs of the qkv "
         "projection, QK^T and AV counted by hooks during sampling of one image (the paper's "
-        "convention, docs/counting.md §1). One machine, one run: compare ratios, not absolutes.",
+        "convention, docs/counting.md §1). Full-model GFLOPs: every matmul, linear layer and "
+        "convolution the sampler dispatches for one image, both CFG halves, attention cores by "
+        "their allowed pairs, 1 MAC = 1 FLOP (docs/counting.md §4); VQ-VAE: its quantizer's "
+        "convolutions while sampling and the decoder. One machine, one run: compare ratios, "
+        "not absolutes.",
         "",
         "## Tokenizer",
         "",

@@ -28,6 +28,8 @@ TINY_FOR: dict[str, str] = {"var": "var-tiny", "mvar": "mvar-tiny"}
 NEEDS_GPU = "needs a CUDA GPU"
 # Units of the metrics this module adds beyond the paper's columns.
 UNITS: dict[str, str] = {
+    "full_gflops_per_image": "GFLOPs (1 MAC = 1 FLOP)",
+    "vae_decode_gflops_per_image": "GFLOPs (1 MAC = 1 FLOP)",
     "inference_memory_decode": "MiB",
     "inference_memory_total": "MiB",
     "inference_memory_math_attn": "MiB",
@@ -111,8 +113,18 @@ def sampling_count(preset: str, batch: int, guidance: float = _FID.guidance) -> 
 
 
 @functools.cache
+def model_macs_count(preset: str, batch: int, guidance: float = _FID.cfg) -> prof.ModelMacs:
+    return compute.count_model_macs(preset, batch=batch, guidance=guidance, models=_fake(preset))
+
+
+@functools.cache
 def train_estimate(preset: str, batch: int) -> compute.TrainMemory:
     return compute.estimate_train_memory(preset, batch)
+
+
+def _guided(preset: str, guidance: float) -> bool:
+    """Whether the sampler runs the unconditional half (the model class's rule at cfg 1)."""
+    return _fake(preset).model.CFG_ONE_RUNS_UNCONDITIONAL or guidance != 1.0
 
 
 # --- rows ----------------------------------------------------------------------------------
@@ -130,6 +142,14 @@ def compute_rows(
                     batch=B, device=fake_dev))  # fmt: skip
     rows.append(row(closed, table, model, "attn_gflops",
                     prof.analytic_attention_macs(preset).gflops, method="analytic"))  # fmt: skip
+    full = model_macs_count(preset, B, opts.guidance)
+    rows.append(row(env, table, model, "full_gflops_per_image", full.full_gflops_per_image,
+                    method="counted", batch=B, device=fake_dev))  # fmt: skip
+    rows.append(row(closed, table, model, "full_gflops_per_image",
+                    prof.analytic_sampling_macs(preset, guided=_guided(preset, opts.guidance))
+                    / 1e9, method="analytic", batch=B))  # fmt: skip
+    rows.append(row(env, table, model, "vae_decode_gflops_per_image", full.vae_gflops_per_image,
+                    method="counted", batch=B, device=fake_dev))  # fmt: skip
     rows.append(row(env, table, model, "kv_cache", prof.mib(count.kv_cache_bytes),
                     method="counted", batch=B, device=fake_dev))  # fmt: skip
     rows.append(row(closed, table, model, "kv_cache",
@@ -317,6 +337,8 @@ def report_sections(
     chunks = sorted({r.metric for r in rows if r.metric.startswith("train_memory_chunk_")})
     return [
         ("Attention GFLOPs and KV cache", ["attn_gflops", "kv_cache"], [table]),
+        ("Full-model GMACs per image (not a paper column)",
+         ["full_gflops_per_image", "vae_decode_gflops_per_image"], [table]),
         ("Inference memory (MiB)", ["inference_memory", "inference_memory_ratio",
                                     "inference_memory_math_attn", "inference_memory_decode",
                                     "inference_memory_total", "resident_weights",
@@ -369,6 +391,16 @@ MEMORY_NOTES: tuple[str, ...] = (
         "attention·v), conditional branch only: `counted` by hooks on the real model during CFG "
         "sampling (each call divided by its 2B rows), `analytic` from the config. The paper prints "
         "81.52 and 37.84 where the exact counts are 81.512 and 37.845 (docs/counting.md §3)."
+    ),
+    (
+        "`full_gflops_per_image` is a separate metric, not a paper column: multiply-accumulates "
+        "(1 MAC = 1 FLOP, the attention column's unit) of every matmul and linear layer of the "
+        "transformer per generated image as the sampler runs it -- qkv, output projection, MLP, "
+        "AdaLN (once per scale), word_embed, head and q·kᵀ/attention·v over the allowed pairs -- "
+        "with **both** halves of the CFG batch (`counted` by a dispatch-level counter on the real "
+        "sampler under FakeTensorMode, `analytic` from docs/counting.md §4). "
+        "`vae_decode_gflops_per_image` is the VQ-VAE's part of the same run: the quantizer's φ "
+        "convolutions while sampling and the decoder (counted only)."
     ),
 )
 

@@ -219,9 +219,12 @@ def test_miniature_study_end_to_end_and_reuse(tmp_path: Path) -> None:
     for m in ("var-tiny", "mvar-tiny"):
         got = {r["metric"]: r for r in t2 if r["model"] == m}
         assert {"generation_peak_memory", "kv_cache", "sampling_latency", "train_step_time",
-                "train_peak_memory", "attention_gflops"} <= set(got)  # fmt: skip
+                "train_peak_memory", "attention_gflops", "full_gflops_per_image",
+                "vae_decode_gflops_per_image"} <= set(got)  # fmt: skip
         assert got["generation_peak_memory"]["method"] == "measured"
         assert float(got["generation_peak_memory"]["value"]) > 0
+        # The whole transformer costs more than its attention blocks (docs/counting.md §4).
+        assert float(got["full_gflops_per_image"]["value"]) > float(got["attention_gflops"]["value"])
     kv = {r["model"]: float(r["value"]) for r in t2 if r["metric"] == "kv_cache"}
     assert kv["var-tiny"] > 0 and kv["mvar-tiny"] == 0
     md = (out / "README.md").read_text()

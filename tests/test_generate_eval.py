@@ -233,6 +233,36 @@ def test_random_inception_weights_load_strictly_and_do_not_collapse(random_incep
     np.testing.assert_allclose(pool, feats.pool[2:], rtol=1e-5, atol=1e-6)
 
 
+def test_sfid_feature_is_mixed_6d_branch1x1_in_nhwc_order(random_inception: Path) -> None:
+    # docs/evaluation.md §3.5: the ADM evaluator's mixed_6/conv:0[..., :7], flattened in TF's
+    # NHWC order, is torch-fidelity's Mixed_6d.branch1x1 output (after its ReLU).
+    ex = InceptionExtractor(random_inception, batch_size=2, label=RANDOM_EXTRACTOR_LABEL)
+    net = ex.net
+    raw: list[torch.Tensor] = []
+    h = net.get_submodule("Mixed_6d.branch1x1").register_forward_hook(
+        lambda _m, _a, out: raw.append(out.detach().clone())
+    )
+    rng = np.random.default_rng(1)
+    x = torch.from_numpy(rng.integers(0, 256, size=(2, 3, 64, 64), dtype=np.uint8))
+    try:
+        with torch.no_grad(), inception.SfidCapture(net) as cap:
+            net(x)
+    finally:
+        h.remove()
+    (feat,) = cap.batches
+    (m,) = raw
+    assert m.shape == (2, 192, 17, 17) and (m >= 0).all()  # after the ReLU
+    assert feat.shape == (2, inception.SFID_DIM) == (2, 2023)
+    manual = m.permute(0, 2, 3, 1)[..., :7].reshape(2, -1).double().numpy()
+    np.testing.assert_array_equal(feat, manual)
+    # Element order: flat index (h·17 + w)·7 + c holds channel c at row h, column w.
+    for n, hh, ww, c in [(0, 0, 0, 6), (1, 3, 16, 0), (1, 16, 2, 4)]:
+        assert feat[n, (hh * 17 + ww) * 7 + c] == float(m[n, c, hh, ww])
+    assert not np.array_equal(feat, m[:, :7].reshape(2, -1).double().numpy())  # not NCHW
+    with pytest.raises(ValueError, match="17"):
+        inception.sfid_flatten(torch.zeros(1, 192, 8, 8))
+
+
 def test_inception_url_is_torch_fidelitys() -> None:
     from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
