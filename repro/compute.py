@@ -110,7 +110,7 @@ def count_model_macs(
     cfg: ModelConfig | str,
     *,
     batch: int = 1,
-    guidance: float = FID_SAMPLING.cfg,
+    guidance: float = FID_SAMPLING.guidance,
     top_k: int = FID_SAMPLING.top_k,
     top_p: float = FID_SAMPLING.top_p,
     decode: bool = True,
@@ -126,7 +126,7 @@ def count_model_macs(
         labels = labels_for(batch)
         with ModelFlopCounter(m.model, m.vae, images=batch) as counter:
             m.model.sample(
-                m.vae, labels, cfg=guidance, top_k=top_k, top_p=top_p, g_seed=0, decode=decode
+                m.vae, labels, guidance=guidance, top_k=top_k, top_p=top_p, g_seed=0, decode=decode
             )
     return counter.result()
 

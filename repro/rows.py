@@ -113,7 +113,7 @@ def sampling_count(preset: str, batch: int, guidance: float = _FID.guidance) -> 
 
 
 @functools.cache
-def model_macs_count(preset: str, batch: int, guidance: float = _FID.cfg) -> prof.ModelMacs:
+def model_macs_count(preset: str, batch: int, guidance: float = _FID.guidance) -> prof.ModelMacs:
     return compute.count_model_macs(preset, batch=batch, guidance=guidance, models=_fake(preset))
 
 
