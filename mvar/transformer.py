@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from mvar.blocks import AdaLNBeforeHead, AdaLNSelfAttn, AttendFn, DenseAttention, SharedAdaLin
+from mvar import precision
 from mvar.config import ModelConfig
 from mvar.sampling import SampleOutput, ScaleStep, sample_scales
 
@@ -143,7 +144,10 @@ class ScaleARTransformer(nn.Module):
         return torch.cat(parts, dim=1)
 
     def get_logits(self, h_BlC: Tensor, cond_BD: Tensor) -> Tensor:
-        return self.head(self.head_nm(h_BlC.float(), cond_BD).float()).float()
+        # fp32 whatever the autocast: the official get_logits casts in and out with .float();
+        # we also keep the head's linears out of autocast (mvar.precision, docs/precision.md).
+        with precision.full_precision(h_BlC.device):
+            return self.head(self.head_nm(h_BlC.float(), cond_BD.float()).float()).float()
 
     def run_blocks(self, x_BlC: Tensor, cond_BD: Tensor, attends: Sequence[AttendFn]) -> Tensor:
         cond = self.shared_ada_lin(cond_BD)
@@ -170,17 +174,26 @@ class ScaleARTransformer(nn.Module):
         more_smooth: bool = False,
         decode: bool = True,
         record_logits: bool = False,
+        dtype: str = precision.DEFAULT_PRECISION,
     ) -> SampleOutput:
         """Sample B images of classes ``label_B`` (docs/var.md §3, docs/mvar.md §5). At ``cfg == 1.0``
         the unconditional half still runs when ``CFG_ONE_RUNS_UNCONDITIONAL`` (VAR); otherwise
-        only the conditional rows run, with no guidance (MVAR), as in the official samplers."""
+        only the conditional rows run, with no guidance (MVAR), as in the official samplers.
+
+        ``dtype`` (``mvar.precision.PRECISIONS``): ``fp32`` runs without autocast (the parity
+        path); ``bf16`` / ``fp16`` run token generation and the decode under autocast, as the
+        official samplers do, with the logits head in fp32; ``img01`` is returned in fp32."""
+        dtype = precision.check_precision(dtype, label_B.device)
         step, kv_cache_bytes = self.sampling_step()
-        out = sample_scales(
-            self, vae, label_B, step,
-            guided=self.CFG_ONE_RUNS_UNCONDITIONAL or cfg != 1.0,
-            cfg=cfg, top_k=top_k, top_p=top_p, g_seed=g_seed, more_smooth=more_smooth,
-            decode=decode, record_logits=record_logits,
-        )  # fmt: skip
+        with precision.autocast(dtype, label_B.device):
+            out = sample_scales(
+                self, vae, label_B, step,
+                guided=self.CFG_ONE_RUNS_UNCONDITIONAL or cfg != 1.0,
+                cfg=cfg, top_k=top_k, top_p=top_p, g_seed=g_seed, more_smooth=more_smooth,
+                decode=decode, record_logits=record_logits,
+            )  # fmt: skip
+        if out.img01 is not None:
+            out.img01 = out.img01.float()
         out.kv_cache_bytes = kv_cache_bytes()
         return out
 
