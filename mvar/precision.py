@@ -85,3 +85,12 @@ def full_precision(device: torch.device | str) -> Iterator[None]:
         return
     with torch.autocast(dev, enabled=False):
         yield
+
+
+def describe(dtype: str) -> str:
+    """How a result row's ``dtype`` column names a precision: ``float32`` without autocast,
+    else ``float32+autocast(<torch dtype>)`` (weights stay fp32; autocast picks per op)."""
+    canon = check_precision(dtype)
+    if canon == "fp32":
+        return "float32"
+    return f"float32+autocast({str(TORCH_DTYPES[canon]).removeprefix('torch.')})"

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mvar.blocks import AdaLNBeforeHead, AdaLNSelfAttn, AttendFn, DenseAttention, SharedAdaLin
 from mvar import precision
+from mvar.blocks import AdaLNBeforeHead, AdaLNSelfAttn, AttendFn, DenseAttention, SharedAdaLin
 from mvar.config import ModelConfig
 from mvar.sampling import SampleOutput, ScaleStep, sample_scales
 
