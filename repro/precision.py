@@ -147,13 +147,13 @@ def write(rows: list[dict[str, object]], out: Path, env: dict[str, str]) -> tupl
     lines = [
         "# Logits and tokens under autocast vs fp32",
         "",
-        f"Made by `python -m repro.precision` on {env['device']}, torch {env['torch']}, "
-        f"{env['threads']} threads, git {env['git_sha']}. Teacher forcing; errors are "
-        "|autocast - fp32| over every logit of the scale; token agreement is the fraction of "
-        "tokens sampled equal to fp32's with the same seed (it cascades across scales).",
+        (f"Made by `python -m repro.precision` on {env['device']}, torch {env['torch']}, "
+         f"{env['threads']} threads, git {env['git_sha']}. Teacher forcing; errors are "
+         "|autocast - fp32| over every logit of the scale; token agreement is the fraction of "
+         "tokens sampled equal to fp32's with the same seed (it cascades across scales)."),
         "",
-        "| source | model | dtype | scale (pn) | max abs err | mean abs err | fp32 mean abs logit | "
-        "token agreement |",
+        ("| source | model | dtype | scale (pn) | max abs err | mean abs err | "
+         "fp32 mean abs logit | token agreement |"),
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
