@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mvar import dist
+from mvar import dist, precision
 from mvar.config import CHECKPOINT_PRESETS, RELEASES, SamplingConfig, sampling_for
 from mvar.io import atomic_path, atomic_write_json, progress, remove_stale_temps
 from mvar.sampling import check_class_labels, check_sampling_settings
@@ -59,11 +59,6 @@ SETTINGS_FILE = "settings.json"
 #: settings.json keys recorded for reading only, not compared on resume.
 INFO_KEYS = frozenset({"git_sha"})
 PNG_RE = re.compile(r"^(\d{6,})\.png$")
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
 
 
 class Sampler(Protocol):
@@ -93,7 +88,7 @@ class GenerationSettings:
     classes: tuple[int, ...] = tuple(range(1000))
     batch_size: int = 25
     uint8: Uint8Mode = "round"
-    dtype: str = "float32"
+    dtype: str = precision.DEFAULT_PRECISION  # mvar.precision: fp32 (parity), bf16, fp16 (GPU)
     # Content keys (fidelity: the folder is named by what made the pixels, not by file names).
     checkpoint_sha256: str = ""  # of the transformer file; "" = random init
     vae_checkpoint: str = "random-init"  # VQ-VAE file stem
@@ -112,8 +107,8 @@ class GenerationSettings:
             raise ValueError(f"uint8 must be 'round' or 'truncate', got {self.uint8!r}")
         if self.seed_mode not in ("per-batch", "fixed"):
             raise ValueError(f"seed_mode must be 'per-batch' or 'fixed', got {self.seed_mode!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        # Canonical name (torch's long names accepted), so that one precision is one folder.
+        object.__setattr__(self, "dtype", precision.check_precision(self.dtype, self.device))
         object.__setattr__(self, "classes", tuple(int(c) for c in self.classes))
         if min(self.classes) < 0:
             raise ValueError(f"class {min(self.classes)} is out of range: class ids are >= 0")
@@ -460,24 +455,20 @@ class ModelSampler:
         vae: torch.nn.Module,
         model: torch.nn.Module,
         sampling: SamplingConfig,
-        dtype: str = "float32",
+        dtype: str = precision.DEFAULT_PRECISION,
         provenance: dict[str, str] | None = None,
     ) -> None:
         self.vae, self.model, self.sampling = vae, model, sampling
-        self.dtype = DTYPES[dtype]
+        self.dtype = precision.check_precision(dtype)
         # GenerationSettings fields that identify the weights and the kernel (build_sampler)
         self.provenance: dict[str, str] = provenance or {}
 
     def sample(self, label_B: torch.Tensor, g_seed: int) -> torch.Tensor:
         s = self.sampling
-        device_type = label_B.device.type
-        with (
-            torch.inference_mode(),
-            torch.autocast(device_type, dtype=self.dtype, enabled=self.dtype != torch.float32),
-        ):
+        with torch.inference_mode():
             out = self.model.sample(
                 self.vae, label_B, guidance=s.guidance, top_k=s.top_k, top_p=s.top_p, g_seed=g_seed,
-                more_smooth=s.more_smooth,
+                more_smooth=s.more_smooth, dtype=self.dtype,
             )  # fmt: skip
         return out.img01.float()
 
@@ -507,13 +498,13 @@ def resolve_na_backend(model: torch.nn.Module, device: torch.device | str, dtype
         return "none"
     dev = torch.device(device)
     if na.backend is not None:
-        reason = backend_unavailable_reason(na.backend, dev, DTYPES[dtype])
+        reason = backend_unavailable_reason(na.backend, dev, precision.torch_dtype(dtype))
         if reason is not None:
             raise BackendUnavailableError(
                 f"neighbourhood-attention backend {na.backend!r} cannot run here: {reason}"
             )
         return str(na.backend)
-    na.backend = default_backend(dev, DTYPES[dtype])
+    na.backend = default_backend(dev, precision.torch_dtype(dtype))
     return str(na.backend)
 
 
@@ -523,7 +514,7 @@ def build_sampler(
     vae_ckpt: str | os.PathLike[str] | None,
     sampling: SamplingConfig,
     device: torch.device | str = "cpu",
-    dtype: str = "float32",
+    dtype: str = precision.DEFAULT_PRECISION,
     na_backend: str | None = None,
 ) -> ModelSampler:
     """Load (or random-initialise with seed 0, without ``ckpt``) a model and wrap it as a
@@ -537,6 +528,7 @@ def build_sampler(
     from mvar.metrics import sha256_file
 
     # Resolve both files before building anything, so a typo fails in a second.
+    dtype = precision.check_precision(dtype, device)  # fp16 on a CPU: one line, nothing built
     ckpt = resolve_checkpoint(ckpt) if ckpt is not None else None
     vae_ckpt = resolve_checkpoint(vae_ckpt) if vae_ckpt is not None else None
     vae, net = load_pretrained(model, ckpt, vae_ckpt, device=device, seed=0, na_backend=na_backend)
@@ -585,7 +577,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", help="comma-separated class ids (default: 0..num_classes-1)")
     p.add_argument("--batch-size", type=int, default=25)
     p.add_argument("--uint8", choices=("round", "truncate"), default="round")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--dtype", choices=precision.PRECISIONS, default=precision.DEFAULT_PRECISION,
+                   help="fp32: no autocast (parity); bf16: autocast (CPU, GPU); fp16: autocast, "
+                   "GPU only (the official samplers' setting); recorded in the folder's key")  # fmt: skip
     p.add_argument("--na-backend", choices=sorted(BACKENDS),
                    help="neighbourhood-attention backend (MVAR; default: the fastest that runs)")  # fmt: skip
     p.add_argument("--device", help="default: this rank's GPU, else cpu")

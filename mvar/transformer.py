@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mvar import precision
 from mvar.blocks import AdaLNBeforeHead, AdaLNSelfAttn, AttendFn, DenseAttention, SharedAdaLin
 from mvar.config import ModelConfig
 from mvar.sampling import SampleOutput, ScaleStep, sample_scales
@@ -143,6 +144,10 @@ class ScaleARTransformer(nn.Module):
         return torch.cat(parts, dim=1)
 
     def get_logits(self, h_BlC: Tensor, cond_BD: Tensor) -> Tensor:
+        # As the official get_logits: the input and the logits are cast to fp32, but the head's
+        # linears run in the autocast dtype when there is one (docs/precision.md). Keeping them
+        # in fp32 would be slightly more exact but is not what the paper ran, and on a GPU an
+        # fp32 GEMM of the 4096-way head costs a large share of an fp16 forward.
         return self.head(self.head_nm(h_BlC.float(), cond_BD).float()).float()
 
     def run_blocks(self, x_BlC: Tensor, cond_BD: Tensor, attends: Sequence[AttendFn]) -> Tensor:
@@ -171,23 +176,33 @@ class ScaleARTransformer(nn.Module):
         more_smooth: bool = False,
         decode: bool = True,
         record_logits: bool = False,
+        dtype: str = precision.DEFAULT_PRECISION,
     ) -> SampleOutput:
         """Sample B images of classes ``label_B`` (docs/var.md §3, docs/mvar.md §5).
 
-        ``guidance`` is the classifier-free guidance scale (default 1.5); ``cfg=`` is accepted as an alias, the
-        official samplers' keyword (giving both is an error). At ``guidance == 1.0`` the
-        unconditional half still runs when ``GUIDANCE_ONE_RUNS_UNCONDITIONAL`` (VAR); otherwise
-        only the conditional rows run, with no guidance (MVAR), as in the official samplers."""
+        ``guidance`` is the classifier-free guidance scale (default 1.5); ``cfg=`` is accepted as
+        an alias, the official samplers' keyword (giving both is an error). At ``guidance == 1.0``
+        the unconditional half still runs when ``GUIDANCE_ONE_RUNS_UNCONDITIONAL`` (VAR);
+        otherwise only the conditional rows run, with no guidance (MVAR), as in the official
+        samplers.
+
+        ``dtype`` (``mvar.precision.PRECISIONS``): ``fp32`` runs without autocast (the parity
+        path); ``bf16`` / ``fp16`` run token generation and the decode under autocast, as the
+        official samplers do, with the logits head in fp32; ``img01`` is returned in fp32."""
         if guidance is not None and cfg is not None:
             raise ValueError("give the guidance scale once: guidance= or its alias cfg=")
         guidance = guidance if guidance is not None else cfg if cfg is not None else 1.5
+        dtype = precision.check_precision(dtype, label_B.device)
         step, kv_cache_bytes = self.sampling_step()
-        out = sample_scales(
-            self, vae, label_B, step,
-            guided=self.GUIDANCE_ONE_RUNS_UNCONDITIONAL or guidance != 1.0,
-            guidance=guidance, top_k=top_k, top_p=top_p, g_seed=g_seed, more_smooth=more_smooth,
-            decode=decode, record_logits=record_logits,
-        )  # fmt: skip
+        with precision.autocast(dtype, label_B.device):
+            out = sample_scales(
+                self, vae, label_B, step,
+                guided=self.GUIDANCE_ONE_RUNS_UNCONDITIONAL or guidance != 1.0,
+                guidance=guidance, top_k=top_k, top_p=top_p, g_seed=g_seed,
+                more_smooth=more_smooth, decode=decode, record_logits=record_logits,
+            )  # fmt: skip
+        if out.img01 is not None:
+            out.img01 = out.img01.float()
         out.kv_cache_bytes = kv_cache_bytes()
         return out
 

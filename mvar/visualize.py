@@ -22,6 +22,7 @@ from torch import Tensor
 from mvar.checkpoint import load_pretrained
 from mvar.config import sampling_for
 from mvar.io import atomic_write
+from mvar.precision import DEFAULT_PRECISION, PRECISIONS, check_precision
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--more-smooth", action="store_true", help="Gumbel smoothing (pictures only)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=PRECISIONS, default=DEFAULT_PRECISION,
+                   help="fp32: no autocast; bf16: autocast (CPU, GPU); fp16: autocast, GPU only")
     p.add_argument("--out", default="outputs/samples")
     return p
 
@@ -84,15 +87,16 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     args = build_parser().parse_args(argv)
     sampling = sampling_for(args.model, args.guidance, args.top_k, args.top_p, args.more_smooth)
     guidance, top_k, top_p = sampling.guidance, sampling.top_k, sampling.top_p
+    dtype = check_precision(args.dtype, args.device)  # before any model is built
     vae, model = load_pretrained(args.model, args.ckpt, args.vae_ckpt, device=args.device,
                                  seed=args.seed)  # fmt: skip
     classes = [int(c) for c in args.classes.split(",") if c.strip()]
     label = torch.tensor(classes, device=args.device).repeat_interleave(args.per_class)
     out = model.sample(vae, label, guidance=guidance, top_k=top_k, top_p=top_p, g_seed=args.seed,
-                       more_smooth=args.more_smooth)  # fmt: skip
+                       more_smooth=args.more_smooth, dtype=dtype)  # fmt: skip
     assert out.img01 is not None
     outdir = Path(args.out)
-    tag = f"{args.model}_guidance{guidance:g}_k{top_k}_p{top_p:g}_seed{args.seed}"
+    tag = f"{args.model}_guidance{guidance:g}_k{top_k}_p{top_p:g}_seed{args.seed}_{dtype}"
     paths = [save_png(to_uint8_grid(out.img01, nrow=min(len(label), 8)), outdir / f"{tag}_grid.png")]
     frames = progression(vae, out.idx_Bl)  # (S, B, 3, H, W)
     S, B = frames.shape[:2]

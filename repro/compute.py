@@ -28,11 +28,11 @@ import math
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from mvar import precision
 from mvar.config import ModelConfig, SamplingConfig, get_preset
 from mvar.profiling import (
     CUDA_BLOCK_BYTES,
@@ -229,10 +229,13 @@ def measure_inference_cuda(
     if device.type != "cuda" or not torch.cuda.is_available():
         raise RuntimeError("measure_inference_cuda needs a CUDA device")
     model, vae, labels = _real_models(cfg, batch, device)
-    amp = _autocast(device, autocast_dtype)
-    kw = {"guidance": guidance, "top_k": top_k, "top_p": top_p, "g_seed": 0}
+    # The sampler's own precision option (mvar.precision: autocast, logits head in fp32); the
+    # standalone decode phase runs under the same autocast, as inside sample().
+    dtype = precision.check_precision(autocast_dtype or torch.float32, device)
+    amp = precision.autocast(dtype, device)
+    kw = {"guidance": guidance, "top_k": top_k, "top_p": top_p, "g_seed": 0, "dtype": dtype}
     out: dict[str, CudaMemory] = {}
-    with torch.no_grad(), amp:
+    with torch.no_grad():
         model.sample(vae, labels, decode=False, **kw)  # warm-up: kernels, workspaces
         torch.cuda.empty_cache()
         if "tokens" in phases or "decode" in phases:
@@ -240,7 +243,7 @@ def measure_inference_cuda(
                 res = model.sample(vae, labels, decode=False, **kw)
             out["tokens"] = r[0]
             if "decode" in phases:
-                with cuda_memory(device) as r:
+                with cuda_memory(device) as r, amp:
                     vae.fhat_to_img(res.fhat)
                 out["decode"] = r[0]
             del res
@@ -250,13 +253,6 @@ def measure_inference_cuda(
                 model.sample(vae, labels, decode=True, **kw)
             out["total"] = r[0]
     return out
-
-
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
-    """``torch.autocast`` to ``dtype`` on ``device``, or nothing (fp32) when ``dtype`` is None."""
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def _real_models(
@@ -463,13 +459,12 @@ def time_sampling(
     only unless ``decode``."""
     cfg, device = _config(cfg), torch.device(device)
     model, vae, labels = _real_models(cfg, batch, device)
-    amp = _autocast(device, autocast_dtype)
+    dtype = precision.check_precision(autocast_dtype or torch.float32, device)
 
     def run() -> None:
-        with torch.no_grad(), amp:
-            model.sample(
-                vae, labels, guidance=guidance, top_k=top_k, top_p=top_p, g_seed=0, decode=decode
-            )
+        with torch.no_grad():
+            model.sample(vae, labels, guidance=guidance, top_k=top_k, top_p=top_p, g_seed=0,
+                         decode=decode, dtype=dtype)  # fmt: skip
 
     return time_call(run, device=device, warmup=warmup, repeats=repeats)
 

@@ -65,6 +65,7 @@ from mvar.metrics import (
     precision_recall,
     sha256_file,
 )
+from mvar.precision import PRECISIONS
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,10 @@ class StudyConfig:
     per_class: int = 100
     sample_batch: int = 250
     seed: int = 0
+    # Sampling precision (mvar.precision): fp32 = no autocast, the parity path; bf16 = autocast
+    # for token generation and decode (the FID-within-interval check of issue 13). Training is
+    # fp32 either way, so only the samples, their metrics and the compute rows change.
+    dtype: str = "fp32"
     # Statistics and compute measurements.
     bootstrap_reps: int = 200
     pr_k: int = 3
@@ -122,6 +127,9 @@ class StudyConfig:
     latency_repeats: int = 2
 
     def __post_init__(self) -> None:
+        from mvar.precision import check_precision
+
+        object.__setattr__(self, "dtype", check_precision(self.dtype))  # aliases -> short name
         sizes = dict(self.split_sizes)
         if set(sizes) != set(SPLITS):
             raise ValueError(f"split_sizes must name exactly {SPLITS}, got {sorted(sizes)}")
@@ -188,6 +196,18 @@ def get_study(name: str) -> StudyConfig:
         return STUDIES[name]
     except KeyError:
         raise KeyError(f"unknown study {name!r}; valid: {', '.join(STUDIES)}") from None
+
+
+def with_dtype(study: StudyConfig, dtype: str | None, device: torch.device) -> StudyConfig:
+    """``study`` sampling in ``dtype`` (None: unchanged); a bad name, or fp16 on a CPU, is one
+    ValueError line before any work. A bf16 study's samples are cached apart from fp32's (the
+    precision is in their settings, hence in their key)."""
+    from mvar.precision import check_precision
+
+    if dtype is None:
+        check_precision(study.dtype, device)
+        return study
+    return dataclasses.replace(study, dtype=check_precision(dtype, device))
 
 
 def study_code_fingerprint() -> str:
@@ -304,9 +324,9 @@ class Stages:
         s = self.study
         sampler = build_sampler(MODELS[name], model_art.path / model_art.info["file"],
                                 vae_art.path / vae_art.info["file"], s.sampling(),
-                                device=self.device)  # fmt: skip
+                                device=self.device, dtype=s.dtype)  # fmt: skip
         settings = GenerationSettings(
-            model=name, guidance=s.guidance, top_k=s.top_k, top_p=s.top_p, seed=s.seed,
+            model=name, guidance=s.guidance, top_k=s.top_k, top_p=s.top_p, seed=s.seed, dtype=s.dtype,
             per_class=s.per_class, classes=tuple(range(s.num_classes)), batch_size=s.sample_batch,
             code_version=code_version(), **sampler.provenance,  # type: ignore[arg-type]
         )  # fmt: skip
@@ -335,11 +355,11 @@ def load_model(name: str, art: Artifact, device: torch.device) -> torch.nn.Modul
     return load_transformer(art.path / art.info["file"], MODELS[name], device=device)
 
 
-def _na_backend(model: torch.nn.Module, device: torch.device) -> str:
+def _na_backend(model: torch.nn.Module, device: torch.device, dtype: str = "fp32") -> str:
     """The neighbourhood-attention backend the model runs ("none" for VAR / scale-Markov)."""
     from mvar.generate import resolve_na_backend
 
-    return resolve_na_backend(model, device, "float32")
+    return resolve_na_backend(model, device, dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -446,8 +466,8 @@ def measure_compute(name: str, model: torch.nn.Module, vae: torch.nn.Module, tok
 
     s, B = study.sampling(), study.latency_batch
     labels = torch.arange(B, device=device) % study.num_classes
-    kw = dict(guidance=s.guidance, top_k=s.top_k, top_p=s.top_p, g_seed=study.seed)
-    out: dict[str, Any] = {"na_backend": _na_backend(model, device)}
+    kw = dict(guidance=s.guidance, top_k=s.top_k, top_p=s.top_p, g_seed=study.seed, dtype=study.dtype)
+    out: dict[str, Any] = {"na_backend": _na_backend(model, device, study.dtype)}
     # Token generation: peak of live tensor bytes (weights of both networks included), exact
     # bytes of every storage the dispatcher creates while the real sampler runs.
     tracker = prof.LiveBytesTracker(round_to=1)
@@ -594,6 +614,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=os.environ.get("MVAR_CACHE_DIR", "outputs/cache"),
                    help="content-keyed artifact cache (default $MVAR_CACHE_DIR or %(default)s)")  # fmt: skip
     p.add_argument("--device", default="cpu", help="default %(default)s")
+    p.add_argument("--dtype", choices=PRECISIONS, default=None,
+                   help="sampling precision (default: the study's, fp32); bf16 = autocast")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -608,7 +630,8 @@ def main(argv: Sequence[str] | None = None) -> StudyResult:
     from repro.embedded_report import write_report
 
     try:
-        result = run_study(get_study(args.study), Path(args.cache_dir), torch.device(args.device))
+        study = with_dtype(get_study(args.study), args.dtype, torch.device(args.device))
+        result = run_study(study, Path(args.cache_dir), torch.device(args.device))
         write_report(result, Path(args.out))
     except (ValueError, OSError, KeyError, RuntimeError) as e:
         if args.debug:

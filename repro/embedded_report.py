@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from mvar.io import atomic_path, atomic_write
+from mvar.precision import describe
 from repro.report import ResultRow, capture_environment, make_row, write_csv
 
 if TYPE_CHECKING:
@@ -44,9 +45,11 @@ LABELS = {
 
 
 def table1_rows(r: StudyResult) -> list[ResultRow]:
-    from repro.embedded import TABLE1
+    from repro.embedded import SANITY, TABLE1
 
-    env = capture_environment(r.device, "float32")
+    # Scores are of samples made in the study's sampling precision; the evaluator is fp32.
+    env = capture_environment(r.device, describe(r.study.dtype))
+    env_fp32 = capture_environment(r.device, "float32")
     rows = []
     for name, sc in r.scores.items():
         values = {"fid": sc.fid, "fid_ci_low": sc.fid_low, "fid_ci_high": sc.fid_high,
@@ -54,10 +57,11 @@ def table1_rows(r: StudyResult) -> list[ResultRow]:
                   "class_accuracy": sc.class_accuracy}  # fmt: skip
         for metric in TABLE1_METRICS:
             unit = "fraction" if metric in ("precision", "recall", "class_accuracy") else ""
-            rows.append(make_row(env, TABLE1, name, metric, values[metric], method="measured",
+            e = env_fp32 if name in SANITY else env  # sanity sets are not sampled: fp32
+            rows.append(make_row(e, TABLE1, name, metric, values[metric], method="measured",
                                  unit=unit, batch=sc.images, paper_value=None,
                                  backend=r.backends.get(name, "")))  # fmt: skip
-    rows.append(make_row(env, TABLE1, "evaluator", "heldout_accuracy", r.evaluator_accuracy,
+    rows.append(make_row(env_fp32, TABLE1, "evaluator", "heldout_accuracy", r.evaluator_accuracy,
                          method="measured", unit="fraction",
                          batch=int(r.artifacts["evaluator"].info["heldout_images"])))  # fmt: skip
     return rows
@@ -66,10 +70,13 @@ def table1_rows(r: StudyResult) -> list[ResultRow]:
 def table2_rows(r: StudyResult) -> list[ResultRow]:
     from repro.embedded import TABLE2
 
-    env = capture_environment(r.device, "float32")
+    # Sampling rows run in the study's precision; training steps are always fp32.
+    env_sample = capture_environment(r.device, describe(r.study.dtype))
+    env_train = capture_environment(r.device, "float32")
     rows = []
     for name, c in r.compute.items():
         for metric, (unit, method) in TABLE2_METRICS.items():
+            env = env_train if metric.startswith("train") else env_sample
             batch = r.study.batch_size if metric.startswith("train") else (
                 1 if "gflops" in metric else r.study.latency_batch)  # fmt: skip
             rows.append(make_row(env, TABLE2, name, metric, float(c[metric]), method=method,

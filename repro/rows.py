@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from mvar import precision
 from mvar import profiling as prof
 from mvar.config import SamplingConfig
 from repro import compute
@@ -56,7 +57,7 @@ class Options:
     figure: bool = True
     figure_batches: tuple[int, ...] = FIGURE_BATCHES
     train: bool = True
-    autocast: str | None = None  # GPU only: "float16" / "bfloat16"; None = fp32, autocast off
+    autocast: str | None = None  # mvar.precision name (bf16; fp16 GPU only); None = fp32
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
 
     @property
@@ -65,11 +66,11 @@ class Options:
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
-        return getattr(torch, self.autocast) if self.autocast else None
+        return precision.torch_dtype(self.autocast) if self.autocast else None
 
     @property
     def dtype_label(self) -> str:
-        return f"float32+autocast({self.autocast})" if self.autocast else "float32"
+        return precision.describe(self.autocast or "fp32")
 
 
 def _unit(metric: str) -> str | None:
@@ -124,7 +125,7 @@ def train_estimate(preset: str, batch: int) -> compute.TrainMemory:
 
 def _guided(preset: str, guidance: float) -> bool:
     """Whether the sampler runs the unconditional half (the model class's rule at cfg 1)."""
-    return _fake(preset).model.CFG_ONE_RUNS_UNCONDITIONAL or guidance != 1.0
+    return _fake(preset).model.GUIDANCE_ONE_RUNS_UNCONDITIONAL or guidance != 1.0
 
 
 # --- rows ----------------------------------------------------------------------------------
@@ -295,10 +296,11 @@ def tiny_rows(
         # (and is the same network for every variant).
         st = compute.time_sampling(preset, B, device=opts.device, guidance=opts.guidance,
                                 top_k=min(opts.top_k, 100), top_p=opts.top_p, decode=False,
-                                repeats=opts.repeats)  # fmt: skip
+                                repeats=opts.repeats, autocast_dtype=opts.autocast_dtype)  # fmt: skip
         rows.append(row(env, table, preset, "sample_time_tokens", st.median_s, method="measured",
                         batch=B))  # fmt: skip
-        tr = compute.time_train_step(preset, B, device=opts.device, repeats=opts.repeats)
+        tr = compute.time_train_step(preset, B, device=opts.device, repeats=opts.repeats,
+                                     autocast_dtype=opts.autocast_dtype)  # fmt: skip
         rows.append(
             row(env, table, preset, "train_step_time", tr.mean_s, method="measured", batch=B)
         )
@@ -414,10 +416,16 @@ def parse_options(argv: Sequence[str] | None, description: str) -> Options:
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
     p.add_argument("--no-figure", action="store_true", help="skip memory_vs_batch")
     p.add_argument("--no-train", action="store_true", help="skip the training columns")
-    p.add_argument("--autocast", choices=["float16", "bfloat16"], default=None,
-                   help="GPU autocast dtype (default: fp32, autocast off)")  # fmt: skip
+    p.add_argument("--autocast", choices=["bf16", "fp16", "bfloat16", "float16"], default=None,
+                   help="autocast precision (mvar.precision; default: fp32, autocast off); fp16 "
+                   "on GPUs only; recorded in every row's dtype column")  # fmt: skip
     p.add_argument("--device", default=Options.device, help="cuda or cpu (default: %(default)s)")
     a = p.parse_args(argv)
+    if a.autocast is not None:
+        try:  # fp16 on a CPU: one line before any work
+            a.autocast = precision.check_precision(a.autocast, a.device)
+        except ValueError as e:
+            p.error(str(e))
     return Options(
         out=a.out, batch=a.batch, tiny_batch=a.tiny_batch, repeats=a.repeats,
         figure=not a.no_figure, train=not a.no_train, autocast=a.autocast, device=a.device,

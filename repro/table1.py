@@ -53,6 +53,7 @@ from mvar.generate import (
 )
 from mvar.io import atomic_write_json
 from mvar.metrics import REFERENCE_ENV, REFERENCE_URL
+from mvar.precision import PRECISIONS
 from repro import paper
 from repro.embedded import STUDIES
 from repro.report import (
@@ -332,7 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seed-mode", choices=("per-batch", "fixed"), default="per-batch")
     p.add_argument("--uint8", choices=("round", "truncate"), default="round")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", choices=PRECISIONS, default="fp32",
+                   help="sampling precision (mvar.precision): fp32 = no autocast; bf16; fp16 "
+                   "(GPU only); also the embedded study's with --embedded")  # fmt: skip
     p.add_argument("--eval-batch", type=int, default=50)
     p.add_argument("--fid-method", choices=("sqrtm", "eigh"), default="sqrtm")
     p.add_argument("--is-splits", type=int, default=10)
@@ -349,9 +352,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
     _paper_values_present()
     study = None
     if args.embedded:  # validate before any work
-        from repro.embedded import get_study
+        from repro.embedded import get_study, with_dtype
 
-        study = get_study(args.study)
+        # The study runs on the CPU (below), so fp16 is refused here, before any work.
+        study = with_dtype(get_study(args.study), args.dtype, torch.device("cpu"))
     dist.init_from_env()
     try:
         device = torch.device(args.device) if args.device else dist.default_device()

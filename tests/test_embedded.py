@@ -5,6 +5,7 @@ size (``repro.embedded``, study ``miniature``)."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import pickle
 from pathlib import Path
@@ -238,6 +239,20 @@ def test_miniature_study_end_to_end_and_reuse(tmp_path: Path) -> None:
     second = embedded.run_study(study, cache, torch.device("cpu"))
     assert all(a.reused for a in second.artifacts.values())
     assert {k: v.fid for k, v in second.scores.items()} == {k: v.fid for k, v in first.scores.items()}
+
+    # Sampling in bf16 (issue 13): the trained artifacts are reused, the samples are not (the
+    # precision is in their key), and the rows say which precision made them.
+    bf16 = embedded.run_study(dataclasses.replace(study, dtype="bf16"), cache, torch.device("cpu"))
+    for key, art in bf16.artifacts.items():
+        assert art.reused == (not key.startswith("samples-")), key
+    write_report(bf16, tmp_path / "report-bf16")
+    t1b = _rows(tmp_path / "report-bf16" / "table1.csv")
+    dt = {r["model"]: r["dtype"] for r in t1b}
+    assert dt["var-tiny"] == dt["mvar-tiny"] == "float32+autocast(bfloat16)"
+    assert dt["real-holdout"] == dt["evaluator"] == "float32"
+    t2b = {(r["model"], r["metric"]): r["dtype"] for r in _rows(tmp_path / "report-bf16" / "table2.csv")}
+    assert t2b[("mvar-tiny", "sampling_latency")] == "float32+autocast(bfloat16)"
+    assert t2b[("mvar-tiny", "train_step_time")] == "float32"
 
 
 @pytest.mark.slow

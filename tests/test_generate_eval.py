@@ -82,7 +82,7 @@ def test_folder_name_encodes_every_setting() -> None:
     changed = {
         "model": "other", "checkpoint": "ckpt2", "guidance": 2.0, "top_k": 1, "top_p": 0.5,
         "more_smooth": True, "seed": 7, "seed_mode": "fixed", "per_class": 4,
-        "classes": (0, 1, 5), "batch_size": 3, "uint8": "truncate", "dtype": "bfloat16",
+        "classes": (0, 1, 5), "batch_size": 3, "uint8": "truncate", "dtype": "bf16",
         "checkpoint_sha256": "ab" * 32, "vae_checkpoint": "vae2", "vae_sha256": "cd" * 32,
         "na_backend": "dense", "device": "cuda",
     }  # fmt: skip

@@ -352,7 +352,7 @@ def test_evaluate_exits_nonzero_when_a_metric_errors_and_names_the_backend(
     assert len(err) == 1 and "metric(s) is failed: error: IS exploded" in err[0]
     res = json.loads(out.read_text())  # what was measured is kept
     assert res["fid_status"] == "ok" and res["is_status"].startswith("error")
-    assert res["na_backend"] == "numba" and res["sample_dtype"] == "float32"
+    assert res["na_backend"] == "numba" and res["sample_dtype"] == "fp32"
     assert "numba" in csv_path.read_text().splitlines()[1]
 
 

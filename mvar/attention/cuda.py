@@ -1,7 +1,11 @@
 """The cuda backend: neighbourhood-attention kernels written with numba's CUDA target.
 
 Three kernels, fp32 throughout (fp16/bf16 inputs are converted on the way in and results
-converted back; numba has no tensor-core instructions, so this is plain FMA arithmetic):
+converted back; numba has no tensor-core instructions, so this is plain FMA arithmetic). Why
+the autocast dtypes are upcast rather than computed natively: numba.cuda has an fp16 type but
+no bf16 one, the scores, softmax and weighted sums must accumulate in fp32 anyway, and without
+tensor cores a native fp16 kernel would only save the conversion's memory traffic (not measured
+here: no GPU):
 
 - ``_forward_kernel``: one thread block per query. Threads first take one window key each
   (scores into shared memory), then one output dimension each (weighted sum of values). Windows

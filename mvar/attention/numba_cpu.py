@@ -17,7 +17,11 @@ whose windows hold it (``inverse_windows``), one accumulation per key and query 
 Memory layout: [B*heads, H, W, D] C-contiguous, so every inner loop runs over D on contiguous
 memory and the kw keys of one window row are adjacent. fp16/bf16 inputs are converted to fp32
 outside the kernels (cheap next to the kernel), fp64 runs in fp64; results are returned in the
-input dtype.
+input dtype. Why bf16 (what CPU autocast hands us) is upcast rather than computed natively:
+numpy, hence numba, has no bfloat16 type at all, and numba's CPU fp16 arithmetic is scalar
+conversions around fp32 anyway; the softmax and the weighted sum must accumulate in fp32 to
+stay within the bf16 row of ``TOLERANCES``; and the conversion is one elementwise pass over
+q, k, v (O(N·D)) against the kernel's O(N·kh·kw·D).
 
 Floating-point flags: ``fastmath={"reassoc", "contract"}`` only. Reassociation lets LLVM
 vectorise the length-D dot products (a strict left-to-right sum is one dependent add chain,
