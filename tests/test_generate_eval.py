@@ -289,55 +289,52 @@ def _eval_kw(random_inception: Path, cache: Path) -> dict[str, object]:
     }  # fmt: skip
 
 
+@pytest.mark.slow  # ~40 s on 2 free cores (eigendecompositions, 299 px forwards)
 def test_sfid_reference_statistics_paths(sfid_sets: dict, random_inception: Path) -> None:
+    # Each evaluate() costs two 2048-d and two 2023-d eigendecompositions: kept to five calls.
     d: Path = sfid_sets["dir"]  # type: ignore[assignment]
     ref, feats = sfid_sets["ref"], sfid_sets["ref_feats"]
     kw = _eval_kw(random_inception, d / "cache")
     mu, sigma = feature_statistics(feats.pool)
     mu_s, sigma_s = feature_statistics(feats.spatial)
-    adm = d / "ref_adm.npz"  # precomputed statistics of the same images, like the ADM batch
-    np.savez(adm, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s, arr_0=ref)
-    no_mu_s = d / "ref_no_mu_s.npz"
+    # Precomputed statistics of the reference images, without the images: sFID can only come
+    # from mu_s/sigma_s, and must equal the sFID computed from the images themselves.
+    stats = d / "ref_stats.npz"
+    np.savez(stats, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
+    no_mu_s = d / "ref_no_mu_s.npz"  # mu/sigma and images, no spatial statistics
     np.savez(no_mu_s, mu=mu, sigma=sigma, arr_0=ref)
-    stats_only = d / "ref_stats_only.npz"
-    np.savez(stats_only, mu=mu, sigma=sigma)
-    samples = d / "samples.npz"
+    samples, images = d / "samples.npz", d / "ref_images.npz"
 
-    r_adm = evaluate(samples, adm, **kw)  # type: ignore[arg-type]
-    r_img = evaluate(samples, d / "ref_images.npz", **kw)  # type: ignore[arg-type]
+    r_img = evaluate(samples, images, **kw)  # type: ignore[arg-type]
+    r_stats = evaluate(samples, stats, **kw)  # type: ignore[arg-type]
     r_no = evaluate(samples, no_mu_s, **kw)  # type: ignore[arg-type]
-    assert r_adm["sfid_reference"] == "precomputed mu_s/sigma_s of the reference npz"
+    assert r_stats["sfid_reference"] == "precomputed mu_s/sigma_s of the reference npz"
     assert r_img["sfid_reference"] == r_no["sfid_reference"] == (
         "spatial statistics of the reference images"
     )
-    for r in (r_adm, r_img, r_no):
+    for r in (r_img, r_stats, r_no):
         assert r["sfid_status"] == "ok" and r["sfid_feature"] == inception.SFID_FEATURE
-    assert r_adm["sfid"] > 1e-3 and np.isfinite(r_adm["sfid"])
-    assert r_adm["sfid"] == pytest.approx(r_img["sfid"], rel=1e-9)
+    assert np.isfinite(r_img["sfid"]) and r_img["sfid"] > 1e-3
+    assert r_stats["sfid"] == pytest.approx(r_img["sfid"], rel=1e-9)
     assert r_no["sfid"] == pytest.approx(r_img["sfid"], rel=1e-9)
-    # sFID is not FID on other numbers: it uses the spatial statistics.
-    assert r_adm["sfid"] != pytest.approx(r_adm["fid"], rel=1e-3)
-    # The reference's own mu_s are used, not recomputed: perturbing them moves sFID only.
-    np.savez(adm, mu=mu, sigma=sigma, mu_s=mu_s + 1.0, sigma_s=sigma_s, arr_0=ref)
-    r_shift = evaluate(samples, adm, **kw)  # type: ignore[arg-type]
-    assert r_shift["sfid"] > r_adm["sfid"] + 1.0 and r_shift["fid"] == r_adm["fid"]
+    # sFID is its own statistic, not FID under another name.
+    assert r_img["sfid"] != pytest.approx(r_img["fid"], rel=1e-3)
+
+    # A set against itself: ~0 (the same statistics on both sides).
+    r_self = evaluate(images, images, **kw)  # type: ignore[arg-type]
+    assert abs(r_self["sfid"]) < 1e-6 * r_img["sfid"] and abs(r_self["fid"]) < 1e-6 * r_img["fid"]
+
     # Neither mu_s nor images: not measured (not an error).
-    r_stats = evaluate(samples, stats_only, **kw)  # type: ignore[arg-type]
-    assert r_stats["sfid"] is None and r_stats["sfid_status"].startswith("not measured:")
+    np.savez(stats, mu=mu, sigma=sigma)
+    r_none = evaluate(samples, stats, **kw)  # type: ignore[arg-type]
+    assert r_none["sfid"] is None and r_none["sfid_status"].startswith("not measured:")
     # mu_s of the wrong size: one clear error before any extraction.
-    np.savez(adm, mu=mu, sigma=sigma, mu_s=np.zeros(3), sigma_s=np.eye(3), arr_0=ref)
+    np.savez(stats, mu=mu, sigma=sigma, mu_s=np.zeros(3), sigma_s=np.eye(3))
     with pytest.raises(ValueError, match=r"mu_s has shape \(3,\), expected \(2023,\)"):
-        evaluate(samples, adm, **kw)  # type: ignore[arg-type]
+        evaluate(samples, stats, **kw)  # type: ignore[arg-type]
 
 
-def test_sfid_of_a_set_against_itself_is_zero(sfid_sets: dict, random_inception: Path) -> None:
-    d: Path = sfid_sets["dir"]  # type: ignore[assignment]
-    kw = _eval_kw(random_inception, d / "cache")
-    r = evaluate(d / "ref_images.npz", d / "ref_images.npz", **kw)  # type: ignore[arg-type]
-    r_other = evaluate(d / "samples.npz", d / "ref_images.npz", **kw)  # type: ignore[arg-type]
-    assert abs(r["sfid"]) < 1e-6 * r_other["sfid"] and abs(r["fid"]) < 1e-6 * r_other["fid"]
-
-
+@pytest.mark.slow  # ~40 s on 2 free cores (eigendecompositions, 299 px forwards)
 def test_feature_cache_without_spatial_is_not_reused(
     sfid_sets: dict, random_inception: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
