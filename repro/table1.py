@@ -296,7 +296,8 @@ def write_markdown_report(csv_path: Path, md_path: Path, cfg: RunConfig,
             f"FID square root: {cfg.fid_method}; IS splits: {cfg.is_splits}."
         ),
         (
-            "- sFID (not in the paper's Table 1, so no paper value): Fréchet distance on the "
+            "- sFID (not in the paper's Table 1, so no paper value; the official model zoo "
+            "lists 6.26 for mvar-d16.pth, docs/paper_numbers.md §6): Fréchet distance on the "
             "spatial feature against the reference's mu_s/sigma_s; sfid_feature: "
             f"{inception.SFID_FEATURE} -- the post-ReLU choice is inferred, not checked "
             "against TensorFlow."
