@@ -1,4 +1,4 @@
-"""Score a sample set against a reference: FID, IS, precision/recall (and sFID's status).
+"""Score a sample set against a reference: FID, sFID, IS, precision/recall.
 
     python -m mvar.evaluate --samples <folder|npz> --reference <ADM npz|folder|npz> \\
         [--inception-weights PATH] [--out results.json] [--csv outputs/eval_results.csv]
@@ -9,13 +9,17 @@ or an npz with ``arr_0`` uint8 (N, H, W, 3).
 ``--reference``:
 
 - an ADM reference batch (``VIRTUAL_imagenet256_labeled.npz``): FID against its precomputed
-  ``mu``/``sigma`` (ImageNet-train statistics, not its 10k images), precision/recall against
-  the features of its 10k images ``arr_0`` (docs/evaluation.md §2);
-- or another image set (folder or npz with only ``arr_0``): FID between the two sets'
-  statistics, precision/recall against its images.
+  ``mu``/``sigma`` (ImageNet-train statistics, not its 10k images), sFID against its
+  ``mu_s``/``sigma_s``, precision/recall against the features of its 10k images ``arr_0``
+  (docs/evaluation.md §2);
+- or another image set (folder or npz with only ``arr_0``): FID and sFID between the two sets'
+  statistics, precision/recall against its images. A reference npz without ``mu_s``/``sigma_s``
+  gets its sFID statistics from its images.
 
+sFID (docs/evaluation.md §3.5) is the Fréchet distance on the ADM evaluator's spatial feature,
+read by a hook during the same Inception forward as pool_3 and the logits; the result names the
+(partly inferred) mapping it follows (``sfid_feature``, ``mvar.inception.SFID_FEATURE``).
 IS needs no reference (10 splits after a fixed-seed canonical shuffle, ``mvar.metrics``).
-sFID is reported as ``not supported: <reason>`` (``mvar.inception.SFID_STATUS``).
 
 Output: a JSON with every number, its status, and the provenance (N, reference sha256,
 Inception weights path + sha256 + whether it matches the official prefix, extractor name,
@@ -43,7 +47,13 @@ import torch
 from PIL import Image
 
 from mvar.generate import list_pngs, png_name
-from mvar.inception import SFID_STATUS, Features, InceptionExtractor
+from mvar.inception import (
+    SFID_DIM,
+    SFID_FEATURE,
+    FeatureCacheError,
+    Features,
+    InceptionExtractor,
+)
 from mvar.io import atomic_write, atomic_write_json, check_output_file
 from mvar.metrics import (
     IS_SHUFFLE_SEED,
@@ -67,6 +77,7 @@ log = logging.getLogger(__name__)
 CSV_COLUMNS: tuple[str, ...] = (
     "timestamp", "samples", "reference", "num_samples", "fid", "is_mean", "is_std",
     "precision", "recall", "sfid", "fid_status", "is_status", "pr_status", "sfid_status",
+    "sfid_feature",
     "reference_sha256", "inception_weights_sha256", "extractor", "device", "torch", "git_sha",
     "na_backend", "sample_dtype", "sample_device", "checkpoint_sha256", "vae_sha256",
     "samples_content_key",
@@ -80,7 +91,8 @@ CSV_COLUMNS: tuple[str, ...] = (
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 #: Bumped when the feature extraction changes what it computes (invalidates feature caches).
-CACHE_VERSION = "features-v2"
+# v3: the sFID feature is stored next to pool_3 and the logits.
+CACHE_VERSION = "features-v3"
 
 
 def _png_files(folder: Path) -> list[Path]:
@@ -217,8 +229,13 @@ def extract_source(
         ).hexdigest()[:24]
         cache = cache_dir / f"features-{key}.npz"
         if cache.is_file():
-            log.info("features of %s from cache %s", source, cache)
-            return Features.load(cache)
+            try:
+                feats = Features.load(cache)
+            except FeatureCacheError as e:  # never half-used: extract again and overwrite
+                log.warning("%s; extracting the features of %s again", e, source)
+            else:
+                log.info("features of %s from cache %s", source, cache)
+                return feats
     n = count_images(source, files)
     feats = extractor.extract(
         iter_images(source, extractor.batch_size, files), total=n, desc=desc
@@ -299,7 +316,7 @@ def evaluate(
             "reference_kind": "image folder",
             "reference_sha256": source_fingerprint(reference),
         }
-        ref_mu = ref_sigma = None
+        ref_mu = ref_sigma = ref_mu_s = ref_sigma_s = None
         ref_images = True
     else:
         try:
@@ -321,6 +338,12 @@ def evaluate(
             "reference_keys": sorted(ref.keys),
         }
         ref_mu, ref_sigma, ref_images = ref.mu, ref.sigma, ref.has_images
+        ref_mu_s, ref_sigma_s = ref.mu_s, ref.sigma_s
+        if ref_mu_s is not None and ref_mu_s.shape != (SFID_DIM,):
+            raise ValueError(
+                f"reference {reference}: mu_s has shape {ref_mu_s.shape}, expected ({SFID_DIM},) "
+                f"(the ADM evaluator's mixed_6/conv[..., :7] statistics, {REFERENCE_URL})"
+            )
 
     # The samples: complete, readable, at the reference's resolution (checked before any
     # feature is extracted).
@@ -407,11 +430,27 @@ def evaluate(
         out["pr_status"] = "not measured: the reference has no images (arr_0)"
     out["pr_k"] = pr_k
 
+    # sFID: the same Fréchet distance on the spatial features (docs/evaluation.md §3.5), against
+    # the reference's precomputed mu_s/sigma_s when it has them, like FID.
+    out["sfid_feature"] = SFID_FEATURE
     out["sfid"] = None
-    out["sfid_status"] = SFID_STATUS
+    if ref_mu_s is not None:
+        out["sfid_reference"] = "precomputed mu_s/sigma_s of the reference npz"
+        ref_stats_s = (ref_mu_s, ref_sigma_s)
+    elif real is not None:
+        out["sfid_reference"] = "spatial statistics of the reference images"
+        ref_stats_s = feature_statistics(real.spatial)
+    else:
+        out["sfid_reference"] = None
+        out["sfid_status"] = "not measured: the reference has neither mu_s/sigma_s nor images"
+    if out["sfid_reference"] is not None:
+        mu_s, sigma_s = feature_statistics(fake.spatial)
+        out["sfid"], out["sfid_status"] = _status_of(
+            lambda: frechet_distance(mu_s, sigma_s, *ref_stats_s, method=fid_method)
+        )
     log.info(
-        "FID %s  IS %s  precision %s  recall %s  (N=%d)",
-        out["fid"], out["is_mean"], out["precision"], out["recall"], len(fake),
+        "FID %s  sFID %s  IS %s  precision %s  recall %s  (N=%d)",
+        out["fid"], out["sfid"], out["is_mean"], out["precision"], out["recall"], len(fake),
     )  # fmt: skip
     return out
 
@@ -470,7 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pr-block", type=int, default=4096, help="rows per distance tile")
     p.add_argument(
         "--fid-method", choices=("sqrtm", "eigh"), default="sqrtm",
-        help="sqrtm (ADM evaluator, default) or eigh (same value for covariances, faster)",
+        help="square root in FID and sFID: sqrtm (ADM evaluator, default) or eigh (same value "
+        "for covariances, faster)",
     )  # fmt: skip
     p.add_argument("--cache-dir", help="cache extracted features here")
     return p

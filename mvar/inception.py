@@ -20,11 +20,11 @@ Features per image (uint8, any size; the net resizes to 299 the TF way):
 ``pool`` = 2048-d pool_3 (FID, precision/recall), ``logits`` = 1008-way pool_3 x W without the
 bias (``logits_unbiased``; what the ADM evaluator's softmax sees) for IS.
 
-sFID uses the ADM evaluator's spatial ``mixed_6/conv:0`` activations. Which module of
-torch-fidelity's network produces them is established in docs/evaluation.md §3.5
-(``Mixed_6d.branch1x1``, after its ReLU); :class:`SfidCapture` reads them with a forward hook in
-the evaluator's NHWC order. ``mvar evaluate`` does not yet compute sFID from them
-(:data:`SFID_STATUS`).
+``spatial`` = the ADM evaluator's sFID feature, ``mixed_6/conv:0[..., :7]`` flattened in NHWC
+order (2023-d). Which module of torch-fidelity's network produces that tensor is established
+in docs/evaluation.md §3.5 (``Mixed_6d.branch1x1``; after its ReLU, which is inferred from the
+TF graph's naming, not checked numerically: :data:`SFID_FEATURE`); :class:`SfidCapture` reads it
+with a forward hook during the same forward that yields ``pool`` and ``logits``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
@@ -76,10 +76,11 @@ SFID_CHANNELS = 7
 SFID_GRID = 17
 SFID_DIM = SFID_GRID * SFID_GRID * SFID_CHANNELS  # 2023
 
-SFID_STATUS = (
-    "not supported: the spatial feature is identified (torch-fidelity's Mixed_6d.branch1x1, "
-    "docs/evaluation.md §3.5; mvar.inception.SfidCapture) but mvar evaluate does not yet "
-    "compute or cache it, and the mapping has not been checked numerically against the TF graph"
+# Provenance carried by every sFID result: the mapping above, whose post-ReLU half is inferred
+# from the graph's naming (docs/evaluation.md §3.5) and not checked against TensorFlow.
+SFID_FEATURE = (
+    f"{SFID_MODULE} post-ReLU (inferred mapping of mixed_6/conv, docs/evaluation.md §3.5), "
+    f"NHWC[..., :{SFID_CHANNELS}] flattened ({SFID_DIM}-d)"
 )
 
 
@@ -306,26 +307,52 @@ def save_random_inception_weights(path: str | os.PathLike[str], seed: int = 0) -
 # --------------------------------------------------------------------------------------------
 
 
+class FeatureCacheError(ValueError):
+    """A stored feature file lacks an array this code needs (e.g. written before sFID)."""
+
+
 @dataclass
 class Features:
-    pool: np.ndarray  # (N, 2048) float64
-    logits: np.ndarray  # (N, 1008) float64, no bias
+    """Everything one Inception forward gives per image (float64 rows, one per image)."""
+
+    pool: np.ndarray  # (N, 2048) pool_3: FID, precision/recall
+    logits: np.ndarray  # (N, 1008) pool_3 x W without the bias: IS
+    spatial: np.ndarray  # (N, 2023) mixed_6/conv[..., :7] in NHWC order: sFID
+
+    KEYS: ClassVar[tuple[str, ...]] = ("pool", "logits", "spatial")
 
     def __len__(self) -> int:
         return self.pool.shape[0]
 
+    @classmethod
+    def concatenate(cls, parts: list[Features]) -> Features:
+        return cls(*(np.concatenate([getattr(p, k) for p in parts]) for k in cls.KEYS))
+
     def save(self, path: str | os.PathLike[str]) -> None:
         with atomic_path(path) as tmp, tmp.open("wb") as f:
-            np.savez(f, pool=self.pool, logits=self.logits)
+            np.savez(f, pool=self.pool, logits=self.logits, spatial=self.spatial)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Features:
+        """Read a file written by :meth:`save`; one lacking an array (a cache written before
+        sFID was computed) raises :class:`FeatureCacheError` instead of being half-used."""
         with np.load(path) as z:
-            return cls(pool=z["pool"], logits=z["logits"])
+            missing = [k for k in cls.KEYS if k not in z.files]
+            if missing:
+                raise FeatureCacheError(
+                    f"feature file {path} lacks {missing} (it has {sorted(z.files)}); it was "
+                    "written by an older version"
+                )
+            feats = cls(*(z[k] for k in cls.KEYS))
+        rows = {k: getattr(feats, k).shape for k in cls.KEYS}
+        if len({s[0] for s in rows.values()}) != 1 or feats.spatial.shape[1:] != (SFID_DIM,):
+            raise FeatureCacheError(f"feature file {path} has inconsistent shapes {rows}")
+        return feats
 
 
 class InceptionExtractor:
-    """pool_3 features and unbiased logits of uint8 images through torch-fidelity's net."""
+    """pool_3 features, unbiased logits and sFID features of uint8 images through
+    torch-fidelity's net."""
 
     def __init__(
         self,
@@ -357,35 +384,36 @@ class InceptionExtractor:
         return self._net
 
     @torch.no_grad()
-    def extract_batch(self, images_BHWC: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(pool (B, 2048), logits (B, 1008)) float64 of uint8 images (B, H, W, 3)."""
+    def extract_batch(self, images_BHWC: np.ndarray) -> Features:
+        """pool (B, 2048), logits (B, 1008) and the sFID feature (B, 2023), float64, of uint8
+        images (B, H, W, 3) -- all three from one forward (the sFID one through a hook)."""
         x = np.asarray(images_BHWC)
         if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f"expected uint8 images (B, H, W, 3), got {x.dtype} {x.shape}")
         # np.array copies: npz batches are read-only views, which torch.from_numpy warns about.
         x_B3HW = torch.from_numpy(np.array(x, copy=True)).permute(0, 3, 1, 2).to(self.device)
-        pool, logits = self.net(x_B3HW)
-        return pool.double().cpu().numpy(), logits.double().cpu().numpy()
+        with SfidCapture(self.net) as cap:
+            pool, logits = self.net(x_B3HW)
+        (spatial,) = cap.batches  # exactly one forward of the hooked module
+        return Features(
+            pool=pool.double().cpu().numpy(), logits=logits.double().cpu().numpy(), spatial=spatial
+        )
 
     def extract(
         self, batches: Iterable[np.ndarray], total: int | None = None, desc: str = "inception"
     ) -> Features:
         """Features of a stream of uint8 image batches, re-batched to exactly ``batch_size``
         images per forward (so results do not depend on how the input was chunked)."""
-        pools, logits = [], []
+        parts: list[Features] = []
         buf = np.empty((0,), dtype=np.uint8)
         # progress() logs every minute as well as drawing a bar: batch jobs have no terminal.
         for batch in progress(batches, total, desc, log, unit="img", weight=len):
             buf = np.concatenate([buf, batch]) if len(buf) else np.asarray(batch)
             while len(buf) >= self.batch_size:
-                p, lg = self.extract_batch(buf[: self.batch_size])
+                parts.append(self.extract_batch(buf[: self.batch_size]))
                 buf = buf[self.batch_size :]
-                pools.append(p)
-                logits.append(lg)
         if len(buf):
-            p, lg = self.extract_batch(buf)
-            pools.append(p)
-            logits.append(lg)
-        if not pools:
+            parts.append(self.extract_batch(buf))
+        if not parts:
             raise ValueError("no images to extract features from")
-        return Features(pool=np.concatenate(pools), logits=np.concatenate(logits))
+        return Features.concatenate(parts)

@@ -418,10 +418,10 @@ def load_reference(
         for k in ("mu", "sigma", "mu_s", "sigma_s"):
             if k in keys:
                 setattr(ref, k, np.asarray(z[k], dtype=np.float64))
-    if ref.mu is not None and (ref.sigma.shape != (ref.mu.shape[0],) * 2):  # type: ignore[union-attr]
-        raise ValueError(
-            f"reference {p}: sigma {ref.sigma.shape} does not match mu {ref.mu.shape}"  # type: ignore[union-attr]
-        )
+    for m, s in (("mu", "sigma"), ("mu_s", "sigma_s")):
+        mu, sigma = getattr(ref, m), getattr(ref, s)
+        if mu is not None and (mu.ndim != 1 or sigma.shape != (mu.shape[0],) * 2):
+            raise ValueError(f"reference {p}: {s} {sigma.shape} does not match {m} {mu.shape}")
     return ref
 
 

@@ -224,13 +224,15 @@ def test_random_inception_weights_load_strictly_and_do_not_collapse(random_incep
     imgs[3] = np.linspace(0, 255, 64, dtype=np.uint8)[None, :, None]
     feats = ex.extract([imgs[:1], imgs[1:]])  # re-batched to 3 + 1
     assert feats.pool.shape == (4, 2048) and feats.logits.shape == (4, 1008)
+    assert feats.spatial.shape == (4, inception.SFID_DIM) and (feats.spatial >= 0).all()
     assert np.isfinite(feats.pool).all() and (feats.pool >= 0).all()  # ReLU then average pool
     # Different images give clearly different features (default init would give ~0 here).
     spread = feats.pool.std(axis=0).mean() / feats.pool.mean()
     assert spread > 0.05
     assert feats.logits.std(axis=0).mean() > 1e-3
-    pool, _ = ex.extract_batch(imgs[2:])  # another batch composition, same features
-    np.testing.assert_allclose(pool, feats.pool[2:], rtol=1e-5, atol=1e-6)
+    part = ex.extract_batch(imgs[2:])  # another batch composition, same features
+    np.testing.assert_allclose(part.pool, feats.pool[2:], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(part.spatial, feats.spatial[2:], rtol=1e-5, atol=1e-6)
 
 
 def test_sfid_feature_is_mixed_6d_branch1x1_in_nhwc_order(random_inception: Path) -> None:
@@ -261,6 +263,98 @@ def test_sfid_feature_is_mixed_6d_branch1x1_in_nhwc_order(random_inception: Path
     assert not np.array_equal(feat, m[:, :7].reshape(2, -1).double().numpy())  # not NCHW
     with pytest.raises(ValueError, match="17"):
         inception.sfid_flatten(torch.zeros(1, 192, 8, 8))
+
+
+@pytest.fixture(scope="module")
+def sfid_sets(
+    tmp_path_factory: pytest.TempPathFactory, random_inception: Path
+) -> dict[str, object]:
+    """Small sample and reference image npz files at 32 px and the reference's features."""
+    d = tmp_path_factory.mktemp("sfid")
+    rng = np.random.default_rng(5)
+    samples = rng.integers(0, 256, size=(6, 32, 32, 3), dtype=np.uint8)
+    ref = rng.integers(0, 256, size=(5, 32, 32, 3), dtype=np.uint8)
+    ref[:, :16] //= 3  # structure, so the two sets differ in distribution
+    np.savez(d / "samples.npz", arr_0=samples)
+    np.savez(d / "ref_images.npz", arr_0=ref)
+    ex = InceptionExtractor(random_inception, batch_size=4, label=RANDOM_EXTRACTOR_LABEL)
+    return {"dir": d, "ref": ref, "ref_feats": ex.extract([ref])}
+
+
+def _eval_kw(random_inception: Path, cache: Path) -> dict[str, object]:
+    return {
+        "inception_weights": random_inception, "extractor_label": RANDOM_EXTRACTOR_LABEL,
+        "device": "cpu", "batch_size": 4, "is_splits": 2, "pr_k": 2, "cache_dir": cache,
+        "fid_method": "eigh",
+    }  # fmt: skip
+
+
+@pytest.mark.slow  # ~40 s on 2 free cores (eigendecompositions, 299 px forwards)
+def test_sfid_reference_statistics_paths(sfid_sets: dict, random_inception: Path) -> None:
+    # Each evaluate() costs two 2048-d and two 2023-d eigendecompositions: kept to five calls.
+    d: Path = sfid_sets["dir"]  # type: ignore[assignment]
+    ref, feats = sfid_sets["ref"], sfid_sets["ref_feats"]
+    kw = _eval_kw(random_inception, d / "cache")
+    mu, sigma = feature_statistics(feats.pool)
+    mu_s, sigma_s = feature_statistics(feats.spatial)
+    # Precomputed statistics of the reference images, without the images: sFID can only come
+    # from mu_s/sigma_s, and must equal the sFID computed from the images themselves.
+    stats = d / "ref_stats.npz"
+    np.savez(stats, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
+    no_mu_s = d / "ref_no_mu_s.npz"  # mu/sigma and images, no spatial statistics
+    np.savez(no_mu_s, mu=mu, sigma=sigma, arr_0=ref)
+    samples, images = d / "samples.npz", d / "ref_images.npz"
+
+    r_img = evaluate(samples, images, **kw)  # type: ignore[arg-type]
+    r_stats = evaluate(samples, stats, **kw)  # type: ignore[arg-type]
+    r_no = evaluate(samples, no_mu_s, **kw)  # type: ignore[arg-type]
+    assert r_stats["sfid_reference"] == "precomputed mu_s/sigma_s of the reference npz"
+    assert r_img["sfid_reference"] == r_no["sfid_reference"] == (
+        "spatial statistics of the reference images"
+    )
+    for r in (r_img, r_stats, r_no):
+        assert r["sfid_status"] == "ok" and r["sfid_feature"] == inception.SFID_FEATURE
+    assert np.isfinite(r_img["sfid"]) and r_img["sfid"] > 1e-3
+    assert r_stats["sfid"] == pytest.approx(r_img["sfid"], rel=1e-9)
+    assert r_no["sfid"] == pytest.approx(r_img["sfid"], rel=1e-9)
+    # sFID is its own statistic, not FID under another name.
+    assert r_img["sfid"] != pytest.approx(r_img["fid"], rel=1e-3)
+
+    # A set against itself: ~0 (the same statistics on both sides).
+    r_self = evaluate(images, images, **kw)  # type: ignore[arg-type]
+    assert abs(r_self["sfid"]) < 1e-6 * r_img["sfid"] and abs(r_self["fid"]) < 1e-6 * r_img["fid"]
+
+    # Neither mu_s nor images: not measured (not an error).
+    np.savez(stats, mu=mu, sigma=sigma)
+    r_none = evaluate(samples, stats, **kw)  # type: ignore[arg-type]
+    assert r_none["sfid"] is None and r_none["sfid_status"].startswith("not measured:")
+    # mu_s of the wrong size: one clear error before any extraction.
+    np.savez(stats, mu=mu, sigma=sigma, mu_s=np.zeros(3), sigma_s=np.eye(3))
+    with pytest.raises(ValueError, match=r"mu_s has shape \(3,\), expected \(2023,\)"):
+        evaluate(samples, stats, **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.slow  # ~40 s on 2 free cores (eigendecompositions, 299 px forwards)
+def test_feature_cache_without_spatial_is_not_reused(
+    sfid_sets: dict, random_inception: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from mvar.evaluate import extract_source
+
+    d: Path = sfid_sets["dir"]  # type: ignore[assignment]
+    cache = d / "old_cache"
+    ex = InceptionExtractor(random_inception, batch_size=4, label=RANDOM_EXTRACTOR_LABEL)
+    src = d / "ref_images.npz"
+    fresh = extract_source(src, ex, cache)
+    (path,) = cache.glob("features-*.npz")
+    assert sorted(np.load(path).files) == ["logits", "pool", "spatial"]
+    np.savez(path, pool=fresh.pool, logits=fresh.logits)  # as written before sFID existed
+    with pytest.raises(inception.FeatureCacheError, match="lacks \\['spatial'\\]"):
+        Features.load(path)
+    with caplog.at_level("WARNING", logger="mvar.evaluate"):
+        again = extract_source(src, ex, cache)
+    assert "lacks ['spatial']" in caplog.text and "extracting the features" in caplog.text
+    np.testing.assert_array_equal(again.spatial, fresh.spatial)
+    assert "spatial" in np.load(path).files  # rewritten complete
 
 
 def test_inception_url_is_torch_fidelitys() -> None:
@@ -396,8 +490,9 @@ def test_pipeline_one_vs_two_processes_and_resume(
     ex = InceptionExtractor(random_inception, label=RANDOM_EXTRACTOR_LABEL)
     ref_feats = ex.extract([ref_imgs])
     mu, sigma = feature_statistics(ref_feats.pool)
+    mu_s, sigma_s = feature_statistics(ref_feats.spatial)
     adm_ref = tmp_path / "ref_adm.npz"
-    np.savez(adm_ref, mu=mu, sigma=sigma, mu_s=np.zeros(3), sigma_s=np.eye(3), arr_0=ref_imgs)
+    np.savez(adm_ref, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s, arr_0=ref_imgs)
     images_ref = tmp_path / "ref_images.npz"
     np.savez(images_ref, arr_0=ref_imgs)
 
@@ -411,7 +506,7 @@ def test_pipeline_one_vs_two_processes_and_resume(
     r_npz = evaluate(npz_one, adm_ref, **kw)  # type: ignore[arg-type]
     r_dir = evaluate(two, adm_ref, **kw)  # type: ignore[arg-type]
     r_img = evaluate(npz_one, images_ref, **kw)  # type: ignore[arg-type]
-    for key in ("fid", "is_mean", "is_std", "precision", "recall"):
+    for key in ("fid", "sfid", "is_mean", "is_std", "precision", "recall"):
         assert r_npz[key] == r_dir[key], key
         assert r_npz[key] is not None and np.isfinite(r_npz[key]), key
     # FID against precomputed statistics == FID against the same images' statistics.
@@ -419,7 +514,10 @@ def test_pipeline_one_vs_two_processes_and_resume(
     assert r_npz["fid"] > 0 and r_npz["fid_reference"].startswith("precomputed")
     assert r_img["fid_reference"].startswith("statistics of the reference images")
     assert r_npz["num_samples"] == 6 and r_npz["num_reference_images"] == 4
-    assert r_npz["sfid"] is None and r_npz["sfid_status"].startswith("not supported:")
+    # The same for sFID (mu_s/sigma_s vs the images' spatial features).
+    assert r_npz["sfid"] == pytest.approx(r_img["sfid"], rel=1e-9) and r_npz["sfid"] > 0
+    assert r_npz["sfid_status"] == "ok" and r_npz["sfid_reference"].startswith("precomputed")
+    assert r_npz["sfid_feature"] == inception.SFID_FEATURE
     assert r_npz["extractor"] == RANDOM_EXTRACTOR_LABEL
     assert r_npz["samples_settings"]["model"] == "var-tiny"
     assert r_npz["inception_weights_sha256"] == inception.sha256_file(random_inception)
@@ -427,7 +525,10 @@ def test_pipeline_one_vs_two_processes_and_resume(
     fresh = ex.extract([np.load(npz_one)["arr_0"]])
     cached = [Features.load(p) for p in sorted(cache.glob("features-*.npz"))]
     assert len(cached) == 4  # npz_one, folder two, ref_adm, ref_images
-    assert any(np.array_equal(c.pool, fresh.pool) for c in cached)
+    assert any(
+        np.array_equal(c.pool, fresh.pool) and np.array_equal(c.spatial, fresh.spatial)
+        for c in cached
+    )
 
     # The command line: JSON + CSV row (features from the cache); a second row is appended.
     out_json, out_csv = tmp_path / "res.json", tmp_path / "res.csv"
@@ -439,6 +540,7 @@ def test_pipeline_one_vs_two_processes_and_resume(
         evaluate_main(cli)
     res = json.loads(out_json.read_text())
     assert res["fid"] == r_npz["fid"] and res["reference_sha256"] and res["fid_method"] == "eigh"
+    assert res["sfid"] == r_npz["sfid"]
     append_csv(res, out_csv)
     lines = out_csv.read_text().splitlines()
     assert lines[0].split(",") == list(CSV_COLUMNS) and len(lines) == 3
@@ -469,7 +571,9 @@ def test_table1_missing_files_give_not_measured_rows(
     table1.main(["--out-dir", "reports", "--work-dir", "work"])
     rows = _read_rows(tmp_path / "reports" / "table1.csv")
     assert [(r["model"], r["metric"]) for r in rows] == [
-        (m, k) for m in ("var-d16", "mvar-scratch-d16") for k in ("fid", "is", "precision", "recall")
+        (m, k)
+        for m in ("var-d16", "mvar-scratch-d16")
+        for k in ("fid", "is", "precision", "recall", "sfid")
     ]
     for r in rows:
         assert r["value"] == "" and r["method"] == "none" and r["table"] == "table1"
@@ -478,18 +582,13 @@ def test_table1_missing_files_give_not_measured_rows(
             f"not measured: missing {ckpt}, vae_ch160v4096z32.pth, "
             "weights-inception-2015-12-05-6726825d.pth, VIRTUAL_imagenet256_labeled.npz"
         )
-    assert [float(r["paper_value"]) for r in rows] == [
-        3.55,
-        280.4,
-        0.84,
-        0.51,
-        3.09,
-        285.5,
-        0.85,
-        0.51,
-    ]
+    # The paper prints no sFID: its paper value is empty.
+    assert [float(r["paper_value"]) if r["paper_value"] else None for r in rows] == [
+        3.55, 280.4, 0.84, 0.51, None, 3.09, 285.5, 0.85, 0.51, None,
+    ]  # fmt: skip
     md = (tmp_path / "reports" / "table1.md").read_text()
     assert "not measured: missing var_d16.pth" in md and REFERENCE_URL in md and WEIGHTS_URL in md
+    assert f"sfid_feature: {inception.SFID_FEATURE}" in md and "inferred" in md
 
     # With the weights and the reference present, only the checkpoints are reported missing.
     np.savez(tmp_path / "ref.npz", mu=np.zeros(2048), sigma=np.eye(2048))

@@ -136,8 +136,9 @@ def test_no_weights_path_unpickles_code(
 
 def test_real_inception_weights_still_load_through_tensors(random_inception: Path) -> None:
     net = inception.InceptionExtractor(random_inception, label=inception.RANDOM_EXTRACTOR_LABEL)
-    pool, logits = net.extract_batch(np.zeros((1, 16, 16, 3), np.uint8))
-    assert pool.shape == (1, 2048) and logits.shape == (1, 1008)
+    f = net.extract_batch(np.zeros((1, 16, 16, 3), np.uint8))
+    assert f.pool.shape == (1, 2048) and f.logits.shape == (1, 1008)
+    assert f.spatial.shape == (1, inception.SFID_DIM)
     sd = net.net.state_dict()
     ref = torch.load(random_inception, weights_only=True)
     assert all(torch.equal(sd[k], ref[k]) for k in ref)
