@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from mvar.blocks import AdaLNBeforeHead, AdaLNSelfAttn, AttendFn, DenseAttention, SharedAdaLin
 from mvar.config import ModelConfig
-from mvar.sampling import SampleOutput, ScaleStep, sample_scales
+from mvar.sampling import SampleOutput, ScaleStep, decode_fhat, sample_scales
 
 # ---------------------------------------------------------------------------------------------
 
@@ -179,9 +179,15 @@ class ScaleARTransformer(nn.Module):
             self, vae, label_B, step,
             guided=self.CFG_ONE_RUNS_UNCONDITIONAL or cfg != 1.0,
             cfg=cfg, top_k=top_k, top_p=top_p, g_seed=g_seed, more_smooth=more_smooth,
-            decode=decode, record_logits=record_logits,
+            decode=False, record_logits=record_logits,
         )  # fmt: skip
         out.kv_cache_bytes = kv_cache_bytes()
+        # Free the KV cache (held by ``step``'s closures) before the decoder allocates its
+        # activations, as the official samplers do: decoding next to a live cache was slower
+        # (issue 13). Nothing else refers to it.
+        del step, kv_cache_bytes
+        if decode:
+            out.img01 = decode_fhat(vae, out.fhat)
         return out
 
     # -- initialisation (training from scratch; docs/var.md §2.7) --------------------

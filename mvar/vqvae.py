@@ -74,10 +74,14 @@ class ResnetBlock(nn.Module):
         )
 
     def forward(self, x_BChw: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x_BChw)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        # In place where the input is a fresh temporary (the official block does the same):
+        # the same bits, but at 256 px every activation is tens of MB, and on the CPU each
+        # fresh allocation of that size is new pages to fault in (issue 13). Autograd accepts
+        # both (silu_ saves what its backward needs; add_ needs nothing).
+        h = self.conv1(F.silu(self.norm1(x_BChw), inplace=True))
+        h = self.conv2(F.silu(self.norm2(h), inplace=True))
         shortcut = x_BChw if self.nin_shortcut is None else self.nin_shortcut(x_BChw)
-        return shortcut + h
+        return h.add_(shortcut)  # = shortcut + h bit for bit (IEEE addition commutes)
 
 
 class AttnBlock(nn.Module):
@@ -108,7 +112,7 @@ class AttnBlock(nn.Module):
         w_Bnn = F.softmax(w_Bnn, dim=2)
         v_BCn = v.reshape(B, C, H * W).contiguous()
         h_BCn = torch.bmm(v_BCn, w_Bnn.permute(0, 2, 1).contiguous())
-        return x_BChw + self.proj_out(h_BCn.view(B, C, H, W))
+        return self.proj_out(h_BCn.view(B, C, H, W)).add_(x_BChw)  # = x + proj_out(h), in place
 
 
 class Downsample(nn.Module):
@@ -243,7 +247,7 @@ class Decoder(nn.Module):
                     h = level.attn[j](h)
             if i != 0:
                 h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h), inplace=True))
 
 
 # --------------------------------------------------------------------------------------
