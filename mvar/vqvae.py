@@ -620,7 +620,7 @@ class VQVAE(nn.Module):
 
     def fhat_to_img(self, fhat_BCvNN: Tensor) -> Tensor:
         """Image in [-1, 1]: clamp(decoder(post_quant_conv(f̂)), -1, 1)."""
-        return self.decoder(self.post_quant_conv(fhat_BCvNN)).clamp(-1, 1)
+        return self.decoder(self.post_quant_conv(fhat_BCvNN)).clamp_(-1, 1)
 
     @property
     def codebook(self) -> Tensor:
