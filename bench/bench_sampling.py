@@ -13,7 +13,10 @@ row's ``extra_info`` holds its parameters. Three workloads (``phase``):
   say ``none``). ``na_calls`` records the backend that actually served the na2d calls.
 * ``decode``: ``decode_fhat`` (``VQVAE.fhat_to_img``, rescaled to [0, 1]) of a random f̂ of the
   right shape, per VQ-VAE preset (``model`` = ``vae-paper``, shared by VAR-d16 and MVAR-d16;
-  ``vae-tiny`` for the tiny presets; ``used_by`` names them), B in {1, 4}, fp32 and bf16.
+  ``vae-tiny`` for the tiny presets; ``used_by`` names them), B in {1, 4}, fp32 and bf16, in
+  the default memory layout (``layout=contiguous``, bitwise the official decoder) and, in
+  fp32, with the VQ-VAE and f̂ in ``torch.channels_last`` (not bitwise: the row records
+  ``max_abs_diff_vs_contiguous`` of the images in [0, 1]; ``ratio_vs_contiguous`` its speed).
 * ``decode_kv``: VAR-d16 at B = 4, fp32: the decode right after a ``sample(decode=False)``
   call, with the KV cache freed (``kv_cache=freed``, what ``sample(decode=True)`` does now) or
   still alive (``kv_cache=alive``, where the decode ran before issue 13; the cache is kept by
@@ -22,8 +25,8 @@ row's ``extra_info`` holds its parameters. Three workloads (``phase``):
 Precision: bf16 cells run only when ``model.sample`` takes a ``dtype`` (and, for decode, when
 ``mvar.precision.autocast_context`` exists); otherwise they are recorded as skipped with the
 reason. ``bench.to_csv`` adds ``ratio_vs_fp32`` (fp32 median / this row's median, > 1: faster
-than fp32), ``ratio_vs_dense`` between backends and ``ratio_vs_kv_alive`` between the two
-``decode_kv`` rows, all from the same run.
+than fp32), ``ratio_vs_dense`` between backends, ``ratio_vs_contiguous`` between layouts and
+``ratio_vs_kv_alive`` between the two ``decode_kv`` rows, all from the same run.
 
 Memory (``peak_mib``, next to the time): on a GPU ``torch.cuda.max_memory_allocated`` over one
 untimed call; on the CPU the peak of live tensor bytes over one untimed call
@@ -40,6 +43,7 @@ is recorded with the reason. ``bench_na2d.py`` compares every backend at the ker
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import os
 from collections.abc import Callable, Iterator
@@ -55,7 +59,9 @@ from mvar.config import get_preset, get_vae_preset, sampling_for
 from mvar.profiling.memory import LiveBytesTracker, mib, module_tensors
 from mvar.sampling import decode_fhat
 
-DEVICE = torch.device(os.environ.get("MVAR_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
+DEVICE = torch.device(
+    os.environ.get("MVAR_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+)
 # var-d16 last: test_decode_kv (last in the file) reuses it without a rebuild.
 PRESETS = ("var-tiny", "mvar-tiny", "mvar-d16", "var-d16")
 BATCHES = (1, 4)
@@ -63,6 +69,7 @@ DTYPES = ("fp32", "bf16")
 ROUNDS = {"tiny": 5, "d16": 3}
 NO_NA = "none"  # the backend column of VAR rows: no neighbourhood attention
 KV_BATCH = 4
+LAYOUTS = ("contiguous", "channels_last")  # the decoder's memory format (decode cells)
 
 # ---------------------------------------------------------------------------------------------
 # Precision: the dtype option is being added to ``sample`` (issue 13, items 2-3). The cells
@@ -206,7 +213,9 @@ _TOKEN_CELLS = [
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B", BATCHES)
-@pytest.mark.parametrize(("preset", "backend"), _TOKEN_CELLS, ids=[f"{p}-{b}" for p, b in _TOKEN_CELLS])
+@pytest.mark.parametrize(
+    ("preset", "backend"), _TOKEN_CELLS, ids=[f"{p}-{b}" for p, b in _TOKEN_CELLS]
+)
 def test_tokens(benchmark, record_skip, preset: str, backend: str, B: int, dtype: str) -> None:
     kw = _sample_kw(preset)
     info = _info(benchmark, model=preset, phase="tokens", B=B, dtype=dtype, backend=backend,
@@ -227,31 +236,60 @@ def test_tokens(benchmark, record_skip, preset: str, backend: str, B: int, dtype
 
     reset_backends_used()
     _record_peak(benchmark, run, model, vae)
-    benchmark.extra_info["na_calls"] = " ".join(f"{k}:{v}" for k, v in sorted(backends_used().items()))
+    benchmark.extra_info["na_calls"] = " ".join(
+        f"{k}:{v}" for k, v in sorted(backends_used().items())
+    )
     benchmark.pedantic(run, rounds=_rounds(preset), warmup_rounds=0)
 
 
 _DECODE_CELLS = [("vae-tiny", "var-tiny mvar-tiny"), ("vae-paper", "var-d16 mvar-d16")]
 
 
+_contiguous_images: dict[tuple, Tensor] = {}  # the default layout's output, per decode cell
+
+
+def _channels_last_vae(name: str) -> nn.Module:
+    key = f"{name}:channels_last"
+    if key not in _vaes:
+        _vaes[key] = copy.deepcopy(_vae(name)).to(memory_format=torch.channels_last)
+    return _vaes[key]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B", BATCHES)
 @pytest.mark.parametrize(("vae_name", "used_by"), _DECODE_CELLS, ids=[c[0] for c in _DECODE_CELLS])
-def test_decode(benchmark, record_skip, vae_name: str, used_by: str, B: int, dtype: str) -> None:
-    info = _info(benchmark, model=vae_name, used_by=used_by, phase="decode", B=B, dtype=dtype)
+def test_decode(
+    benchmark, record_skip, vae_name: str, used_by: str, B: int, dtype: str, layout: str
+) -> None:
+    info = _info(benchmark, model=vae_name, used_by=used_by, phase="decode", B=B, dtype=dtype,
+                 layout=layout)  # fmt: skip
     if (why := _dtype_unavailable(dtype, "decode")) is not None:
         record_skip(info, why)
-    vae = _vae(vae_name)
+    if layout != "contiguous" and dtype != "fp32":
+        record_skip(info, "channels-last is timed in fp32 only (the suite's time budget)")
+    vae = _vae(vae_name) if layout == "contiguous" else _channels_last_vae(vae_name)
     N = vae.cfg.patch_nums[-1]
     torch.manual_seed(0)
     fhat = torch.randn(B, vae.cfg.Cvae, N, N, device=DEVICE)
+    if layout == "channels_last":
+        fhat = fhat.contiguous(memory_format=torch.channels_last)
+    images: list[Tensor] = []
 
     def run() -> None:
         with _decode_context(dtype):
-            decode_fhat(vae, fhat)
+            img = decode_fhat(vae, fhat)
         _sync()
+        images[:] = [img]
 
     _record_peak(benchmark, run, vae, keep=[fhat])
+    key = (vae_name, B, dtype)
+    if layout == "contiguous":
+        _contiguous_images[key] = images[0]
+    elif key in _contiguous_images:  # what the layout costs in accuracy (fp32 parity: 1e-3)
+        err = (images[0].float() - _contiguous_images[key].float()).abs().max().item()
+        benchmark.extra_info["max_abs_diff_vs_contiguous"] = err
+    images.clear()
     benchmark.pedantic(run, rounds=_rounds(vae_name), warmup_rounds=0)
 
 
@@ -295,8 +333,8 @@ def test_decode_kv(benchmark, kv_cache: str) -> None:
 
     (fhat,), _ = setup()
     live = [t for pair in held for t in _cache_tensors(pair)]
-    _record_peak(benchmark, lambda: run(fhat), vae, keep=[fhat, *live])
-    del live, fhat
+    _record_peak(benchmark, lambda: run(fhat), model, vae, keep=[fhat, *live])
+    del live  # the round's own setup decides what stays alive
     benchmark.pedantic(run, setup=setup, rounds=_rounds(preset), warmup_rounds=0)
     held.clear()
 

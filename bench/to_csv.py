@@ -11,7 +11,7 @@ same other parameters divided by this row's median (> 1: faster than the baselin
 either is missing), for rows that carry the column (``RATIOS``): ``ratio_vs_dense`` (column
 ``backend``, baseline ``dense``), ``ratio_vs_fp32`` (``dtype``, baseline ``fp32``) and
 ``ratio_vs_kv_alive`` (``kv_cache``, baseline ``alive``: the decode with the KV cache freed vs
-still alive).
+still alive) and ``ratio_vs_contiguous`` (``layout``, baseline ``contiguous``: channels-last).
 
 Column order: the neighbourhood-attention columns first (``backend, workload, B, heads, H, W,
 D, k, pass``), then the sampling ones (``model, phase, dtype``), ``median_s``, the ratios,
@@ -37,6 +37,7 @@ RATIOS = (
     ("backend", "dense", "ratio_vs_dense"),
     ("dtype", "fp32", "ratio_vs_fp32"),
     ("kv_cache", "alive", "ratio_vs_kv_alive"),
+    ("layout", "contiguous", "ratio_vs_contiguous"),
 )
 LEADING_COLUMNS = (
     "backend", "workload", "B", "heads", "H", "W", "D", "k", "pass", "model", "phase", "dtype",
@@ -46,7 +47,7 @@ LEADING_COLUMNS = (
 # part of its key (the compared column itself is left out too).
 _NOT_KEY = {
     "median_s", "min_s", "rounds", "status", "test", "flops", "peak_mib", "peak_note", "na_calls",
-    "kv_cache_bytes", *(r[2] for r in RATIOS),
+    "kv_cache_bytes", "max_abs_diff_vs_contiguous", *(r[2] for r in RATIOS),
 }  # fmt: skip
 
 
