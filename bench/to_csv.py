@@ -14,9 +14,9 @@ either is missing), for rows that carry the column (``RATIOS``): ``ratio_vs_dens
 still alive) and ``ratio_vs_contiguous`` (``layout``, baseline ``contiguous``: channels-last).
 
 Column order: the neighbourhood-attention columns first (``backend, workload, B, heads, H, W,
-D, k, pass``), then the sampling ones (``model, phase, dtype``), ``median_s``, the ratios,
-``peak_mib, status, device, torch, git_sha`` where present, then any other parameter in
-alphabetical order.
+D, k, pass``), then the sampling ones (``model, phase, dtype, layout, kv_cache``),
+``median_s``, the ratios, ``peak_mib, status, device, torch, git_sha`` where present, then any
+other parameter in alphabetical order.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ RATIOS = (
     ("layout", "contiguous", "ratio_vs_contiguous"),
 )
 LEADING_COLUMNS = (
-    "backend", "workload", "B", "heads", "H", "W", "D", "k", "pass", "model", "phase", "dtype",
+    "backend", "workload", "B", "heads", "H", "W", "D", "k", "pass",
+    "model", "phase", "dtype", "layout", "kv_cache",
     "median_s", *(r[2] for r in RATIOS), "peak_mib", "status", "device", "torch", "git_sha",
 )  # fmt: skip
 # Measurements and bookkeeping: they differ between the rows of one comparison, so they are not
@@ -86,9 +87,7 @@ def _add_ratio(rows: list[dict[str, Any]], column: str, baseline: str, ratio: st
         )
 
     base_median = {
-        key(r): r["median_s"]
-        for r in rows
-        if r.get(column) == baseline and r.get("status") == "ok"
+        key(r): r["median_s"] for r in rows if r.get(column) == baseline and r.get("status") == "ok"
     }
     for row in rows:
         if column not in row:
