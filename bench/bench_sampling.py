@@ -30,14 +30,18 @@ than fp32), ``ratio_vs_dense`` between backends, ``ratio_vs_contiguous`` between
 
 Memory (``peak_mib``, next to the time): on a GPU ``torch.cuda.max_memory_allocated`` over one
 untimed call; on the CPU the peak of live tensor bytes over one untimed call
-(``mvar.profiling.memory.LiveBytesTracker``, exact bytes: weights, KV cache, activations; not
-the allocator's own overhead). That untimed call is also the warm-up (numba compilation, first
-touch of memory). Then ``ROUNDS`` timed rounds (median reported).
+(``mvar.profiling.memory.LiveBytesTracker``, exact bytes: weights of the modules involved
+(transformer and VQ-VAE for ``tokens`` and ``decode_kv``, the VQ-VAE for ``decode``), KV
+cache, activations; not the allocator's own overhead). That untimed call is also the warm-up (numba compilation, first
+touch of memory). Then ``ROUNDS`` timed rounds (median reported); ``SAMPLING_BENCH_ROUNDS=1``
+overrides them for a quick check of the suite (``--benchmark-min-rounds`` does not apply to
+these fixed-round cells), e.g. ``SAMPLING_BENCH_ROUNDS=1 pytest bench/bench_sampling.py -k tiny``.
 
-Budget: the whole suite should take ~10 minutes on a quiet 2-core CPU. So on the CPU the d16
-cells of the naive ``reference`` backend (it gathers every window: seconds per scale) are
-skipped, and ``flex`` (eager on the CPU, no fused kernel) runs at B = 1 only; each such cell
-is recorded with the reason. ``bench_na2d.py`` compares every backend at the kernel level.
+Budget: sized for about 10 minutes on a quiet 2-core CPU (an estimate from single-call times;
+on a loaded machine it takes several times longer). So on the CPU the d16 cells of the naive
+``reference`` backend (a gather of every window, the tests' oracle) are skipped, and ``flex``
+(eager on the CPU, no fused kernel) runs at B = 1 only; each such cell is recorded with the
+reason. ``bench_na2d.py`` compares every backend at the kernel level.
 """
 
 from __future__ import annotations
@@ -66,7 +70,11 @@ DEVICE = torch.device(
 PRESETS = ("var-tiny", "mvar-tiny", "mvar-d16", "var-d16")
 BATCHES = (1, 4)
 DTYPES = ("fp32", "bf16")
-ROUNDS = {"tiny": 5, "d16": 3}
+# Timed rounds per cell; SAMPLING_BENCH_ROUNDS=<n> sets every cell's (a quick check of the suite).
+_ROUNDS_ENV = os.environ.get("SAMPLING_BENCH_ROUNDS")
+ROUNDS = (
+    {"tiny": 5, "d16": 3} if not _ROUNDS_ENV else dict.fromkeys(("tiny", "d16"), int(_ROUNDS_ENV))
+)
 NO_NA = "none"  # the backend column of VAR rows: no neighbourhood attention
 KV_BATCH = 4
 LAYOUTS = ("contiguous", "channels_last")  # the decoder's memory format (decode cells)
