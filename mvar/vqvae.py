@@ -75,9 +75,9 @@ class ResnetBlock(nn.Module):
 
     def forward(self, x_BChw: Tensor) -> Tensor:
         # In place where the input is a fresh temporary (the official block does the same):
-        # the same bits, but at 256 px every activation is tens of MB, and on the CPU each
-        # fresh allocation of that size is new pages to fault in (issue 13). Autograd accepts
-        # both (silu_ saves what its backward needs; add_ needs nothing).
+        # the same bits, fewer fresh allocations (at 256 px each is tens of MB, new pages to
+        # fault in on the CPU; a few per cent of decode time there, issue 13). Autograd
+        # accepts both (silu_ saves what its backward needs; add_ needs nothing).
         h = self.conv1(F.silu(self.norm1(x_BChw), inplace=True))
         h = self.conv2(F.silu(self.norm2(h), inplace=True))
         shortcut = x_BChw if self.nin_shortcut is None else self.nin_shortcut(x_BChw)
@@ -619,8 +619,8 @@ class VQVAE(nn.Module):
         return self.quantize.idx_to_fhat(idx_Bl)
 
     def fhat_to_img(self, fhat_BCvNN: Tensor) -> Tensor:
-        """Image in [-1, 1]: clamp(decoder(post_quant_conv(f̂)), -1, 1), bitwise the official
-        decoder's output on the CPU.
+        """Image in [-1, 1]: clamp(decoder(post_quant_conv(f̂)), -1, 1), the same bits as the
+        plain out-of-place formula (``tests/test_decode.py``) and the official decoder.
 
         The whole batch goes through at once, in the default memory layout. Decoding image by
         image would lower the peak (about 1.06 → 0.58 GiB with the weights at 256 px, B = 4)
