@@ -39,9 +39,10 @@ these fixed-round cells), e.g. ``SAMPLING_BENCH_ROUNDS=1 pytest bench/bench_samp
 
 Budget: sized for about 10 minutes on a quiet 2-core CPU (an estimate from single-call times;
 on a loaded machine it takes several times longer). So on the CPU the d16 cells of the naive
-``reference`` backend (a gather of every window, the tests' oracle) are skipped, and ``flex``
-(eager on the CPU, no fused kernel) runs at B = 1 only; each such cell is recorded with the
-reason. ``bench_na2d.py`` compares every backend at the kernel level.
+``reference`` backend (a gather of every window, the tests' oracle) are skipped, ``flex``
+(eager on the CPU, no fused kernel) and ``dense`` run at B = 1 only (MVAR-d16 at B = 4 runs
+``numba``, the CPU default), and ``decode_kv`` has 2 rounds; each skipped cell is recorded
+with the reason. ``bench_na2d.py`` compares every backend at the kernel level.
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ _ROUNDS_ENV = os.environ.get("SAMPLING_BENCH_ROUNDS")
 ROUNDS = (
     {"tiny": 5, "d16": 3} if not _ROUNDS_ENV else dict.fromkeys(("tiny", "d16"), int(_ROUNDS_ENV))
 )
+# decode_kv samples VAR-d16 at B = 4 (~16 s on the quiet 2-core CPU) before every round: 2 rounds.
+KV_ROUNDS = 2 if not _ROUNDS_ENV else int(_ROUNDS_ENV)
 NO_NA = "none"  # the backend column of VAR rows: no neighbourhood attention
 KV_BATCH = 4
 LAYOUTS = ("contiguous", "channels_last")  # the decoder's memory format (decode cells)
@@ -205,8 +208,9 @@ def _budget_skip(preset: str, backend: str, B: int) -> str | None:
     if backend == "reference":
         return ("the naive reference (gathers every window) at d16 does not fit the suite's "
                 "10-minute CPU budget; bench_na2d.py times it per kernel")  # fmt: skip
-    if backend == "flex" and B > 1:
-        return "eager FlexAttention on the CPU at d16: B = 1 only, for the CPU time budget"
+    if backend in ("flex", "dense") and B > 1:
+        return (f"{backend} at d16 on the CPU runs at B = 1 only (the suite's time budget; "
+                "B = 1 compares it with numba)")  # fmt: skip
     return None
 
 
@@ -343,7 +347,7 @@ def test_decode_kv(benchmark, kv_cache: str) -> None:
     live = [t for pair in held for t in _cache_tensors(pair)]
     _record_peak(benchmark, lambda: run(fhat), model, vae, keep=[fhat, *live])
     del live  # the round's own setup decides what stays alive
-    benchmark.pedantic(run, setup=setup, rounds=_rounds(preset), warmup_rounds=0)
+    benchmark.pedantic(run, setup=setup, rounds=KV_ROUNDS, warmup_rounds=0)
     held.clear()
 
 
