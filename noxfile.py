@@ -1,5 +1,5 @@
 """Sessions: ``nox -s tests`` (default), one ``repro_*`` session per paper table/figure,
-``bench`` for the kernel and model-step benchmarks, ``gpu_check`` for everything that needs a
+``bench`` for the kernel, model-step and sampling benchmarks, ``gpu_check`` for everything that needs a
 GPU, ``lint``.
 
 Every session installs the project with its ``dev`` extra into its own virtualenv, reused on
@@ -82,7 +82,7 @@ def bench(session: nox.Session) -> None:
     machine); each writes reports/bench/<suite>.json and its long-format <suite>.csv."""
     _install(session)
     Path("reports/bench").mkdir(parents=True, exist_ok=True)
-    for suite in ("na2d", "model_steps"):
+    for suite in ("na2d", "model_steps", "sampling"):
         json_path = f"reports/bench/{suite}.json"
         session.run("python", "-m", "pytest", f"bench/bench_{suite}.py",
                     "--benchmark-json", json_path, *session.posargs)  # fmt: skip

@@ -6,12 +6,16 @@ Each row holds the benchmark's ``extra_info`` (its parameters), ``median_s`` (an
 ``rounds``; per iteration when ``extra_info`` has ``iterations_per_round``), a ``status``
 (``ok``, ``oom`` or ``skipped: <reason>``; the skipped cells come from the JSON's ``"skipped"``
 list that ``bench/conftest.py`` writes) and the environment (``device``, ``torch``,
-``git_sha``). Rows that carry a ``backend`` also get ``ratio_vs_dense``: the median of the
-``dense`` row with the same parameters divided by this row's median (> 1: faster than dense;
-empty when either is missing).
+``git_sha``). Ratios measured in the same run, each the median of the baseline row with the
+same other parameters divided by this row's median (> 1: faster than the baseline; empty when
+either is missing), for rows that carry the column (``RATIOS``): ``ratio_vs_dense`` (column
+``backend``, baseline ``dense``), ``ratio_vs_fp32`` (``dtype``, baseline ``fp32``) and
+``ratio_vs_kv_alive`` (``kv_cache``, baseline ``alive``: the decode with the KV cache freed vs
+still alive) and ``ratio_vs_contiguous`` (``layout``, baseline ``contiguous``: channels-last).
 
 Column order: the neighbourhood-attention columns first (``backend, workload, B, heads, H, W,
-D, k, pass, median_s, ratio_vs_dense, status, device, torch, git_sha``) where present, then any
+D, k, pass``), then the sampling ones (``model, phase, dtype, layout, kv_cache``),
+``median_s``, the ratios, ``peak_mib, status, device, torch, git_sha`` where present, then any
 other parameter in alphabetical order.
 """
 
@@ -28,12 +32,24 @@ from mvar.io import atomic_path
 
 logger = logging.getLogger(__name__)
 
+# (column, baseline value, ratio column): see the module docstring.
+RATIOS = (
+    ("backend", "dense", "ratio_vs_dense"),
+    ("dtype", "fp32", "ratio_vs_fp32"),
+    ("kv_cache", "alive", "ratio_vs_kv_alive"),
+    ("layout", "contiguous", "ratio_vs_contiguous"),
+)
 LEADING_COLUMNS = (
     "backend", "workload", "B", "heads", "H", "W", "D", "k", "pass",
-    "median_s", "ratio_vs_dense", "status", "device", "torch", "git_sha",
+    "model", "phase", "dtype", "layout", "kv_cache",
+    "median_s", *(r[2] for r in RATIOS), "peak_mib", "status", "device", "torch", "git_sha",
 )  # fmt: skip
-# Columns that differ between backends of one comparison, so they are not part of its key.
-_NOT_KEY = {"backend", "median_s", "min_s", "rounds", "ratio_vs_dense", "status", "test", "flops"}
+# Measurements and bookkeeping: they differ between the rows of one comparison, so they are not
+# part of its key (the compared column itself is left out too).
+_NOT_KEY = {
+    "median_s", "min_s", "rounds", "status", "test", "flops", "peak_mib", "peak_note", "na_calls",
+    "kv_cache_bytes", "max_abs_diff_vs_contiguous", *(r[2] for r in RATIOS),
+}  # fmt: skip
 
 
 def rows_from_benchmark_json(data: dict[str, Any]) -> list[dict[str, Any]]:
@@ -59,25 +75,26 @@ def rows_from_benchmark_json(data: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append(row)
     for skipped in data.get("skipped", []):
         rows.append({**env, **skipped, "median_s": ""})
-    _add_ratio_vs_dense(rows)
+    for column, baseline, ratio in RATIOS:
+        _add_ratio(rows, column, baseline, ratio)
     return rows
 
 
-def _add_ratio_vs_dense(rows: list[dict[str, Any]]) -> None:
+def _add_ratio(rows: list[dict[str, Any]], column: str, baseline: str, ratio: str) -> None:
     def key(row: dict[str, Any]) -> tuple:
-        return tuple(sorted((k, str(v)) for k, v in row.items() if k not in _NOT_KEY))
+        return tuple(
+            sorted((k, str(v)) for k, v in row.items() if k not in _NOT_KEY and k != column)
+        )
 
-    dense = {
-        key(r): r["median_s"]
-        for r in rows
-        if r.get("backend") == "dense" and r.get("status") == "ok"
+    base_median = {
+        key(r): r["median_s"] for r in rows if r.get(column) == baseline and r.get("status") == "ok"
     }
     for row in rows:
-        if "backend" not in row:
+        if column not in row:
             continue
-        base = dense.get(key(row))
+        base = base_median.get(key(row))
         ok = row.get("status") == "ok" and base and row["median_s"]
-        row["ratio_vs_dense"] = round(base / row["median_s"], 4) if ok else ""
+        row[ratio] = round(base / row["median_s"], 4) if ok else ""
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:

@@ -142,6 +142,12 @@ def guidance_weight(guidance: float, si: int, num_scales: int) -> float:
 
 
 @torch.no_grad()
+def decode_fhat(vae: torch.nn.Module, fhat_BCvNN: Tensor) -> Tensor:
+    """Images (B, 3, H, W) in [0, 1] of the cumulative f̂ (``VQVAE.fhat_to_img``, rescaled)."""
+    return vae.fhat_to_img(fhat_BCvNN).add_(1).mul_(0.5)
+
+
+@torch.no_grad()
 def sample_scales(
     model: torch.nn.Module,
     vae: torch.nn.Module,
@@ -201,7 +207,7 @@ def sample_scales(
             if guided:
                 x_BlC = x_BlC.repeat(2, 1, 1)
 
-    img01 = vae.fhat_to_img(fhat).add_(1).mul_(0.5) if decode else None
+    img01 = decode_fhat(vae, fhat) if decode else None
     return SampleOutput(
         idx_Bl=idx_per_scale,
         fhat=fhat,

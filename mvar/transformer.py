@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from mvar import precision
 from mvar.blocks import AdaLNBeforeHead, AdaLNSelfAttn, AttendFn, DenseAttention, SharedAdaLin
 from mvar.config import ModelConfig
-from mvar.sampling import SampleOutput, ScaleStep, sample_scales
+from mvar.sampling import SampleOutput, ScaleStep, decode_fhat, sample_scales
 
 # ---------------------------------------------------------------------------------------------
 
@@ -199,11 +199,16 @@ class ScaleARTransformer(nn.Module):
                 self, vae, label_B, step,
                 guided=self.GUIDANCE_ONE_RUNS_UNCONDITIONAL or guidance != 1.0,
                 guidance=guidance, top_k=top_k, top_p=top_p, g_seed=g_seed,
-                more_smooth=more_smooth, decode=decode, record_logits=record_logits,
+                more_smooth=more_smooth, decode=False, record_logits=record_logits,
             )  # fmt: skip
-        if out.img01 is not None:
-            out.img01 = out.img01.float()
         out.kv_cache_bytes = kv_cache_bytes()
+        # Free the KV cache (held by ``step``'s closures) before the decoder allocates its
+        # activations, as the official samplers do: decoding next to a live cache was slower
+        # (issue 13). Nothing else refers to it.
+        del step, kv_cache_bytes
+        if decode:
+            with precision.autocast(dtype, label_B.device):  # the official samplers decode under it too
+                out.img01 = decode_fhat(vae, out.fhat).float()
         return out
 
     # -- initialisation (training from scratch; docs/var.md §2.7) --------------------

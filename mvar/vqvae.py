@@ -74,10 +74,14 @@ class ResnetBlock(nn.Module):
         )
 
     def forward(self, x_BChw: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x_BChw)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        # In place where the input is a fresh temporary (the official block does the same):
+        # the same bits, fewer fresh allocations (at 256 px each is tens of MB, new pages to
+        # fault in on the CPU; a few per cent of decode time there, issue 13). Autograd
+        # accepts both (silu_ saves what its backward needs; add_ needs nothing).
+        h = self.conv1(F.silu(self.norm1(x_BChw), inplace=True))
+        h = self.conv2(F.silu(self.norm2(h), inplace=True))
         shortcut = x_BChw if self.nin_shortcut is None else self.nin_shortcut(x_BChw)
-        return shortcut + h
+        return h.add_(shortcut)  # = shortcut + h bit for bit (IEEE addition commutes)
 
 
 class AttnBlock(nn.Module):
@@ -108,7 +112,7 @@ class AttnBlock(nn.Module):
         w_Bnn = F.softmax(w_Bnn, dim=2)
         v_BCn = v.reshape(B, C, H * W).contiguous()
         h_BCn = torch.bmm(v_BCn, w_Bnn.permute(0, 2, 1).contiguous())
-        return x_BChw + self.proj_out(h_BCn.view(B, C, H, W))
+        return self.proj_out(h_BCn.view(B, C, H, W)).add_(x_BChw)  # = x + proj_out(h), in place
 
 
 class Downsample(nn.Module):
@@ -243,7 +247,7 @@ class Decoder(nn.Module):
                     h = level.attn[j](h)
             if i != 0:
                 h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h), inplace=True))
 
 
 # --------------------------------------------------------------------------------------
@@ -615,8 +619,17 @@ class VQVAE(nn.Module):
         return self.quantize.idx_to_fhat(idx_Bl)
 
     def fhat_to_img(self, fhat_BCvNN: Tensor) -> Tensor:
-        """Image in [-1, 1]: clamp(decoder(post_quant_conv(f̂)), -1, 1)."""
-        return self.decoder(self.post_quant_conv(fhat_BCvNN)).clamp(-1, 1)
+        """Image in [-1, 1]: clamp(decoder(post_quant_conv(f̂)), -1, 1), the same bits as the
+        plain out-of-place formula (``tests/test_decode.py``) and the official decoder.
+
+        The whole batch goes through at once, in the default memory layout. Decoding image by
+        image would lower the peak (about 1.06 → 0.58 GiB with the weights at 256 px, B = 4)
+        but was slower on the 2-core CPU and changes the last bits (oneDNN picks its conv
+        algorithm by batch size); a ``torch.channels_last`` decoder (``vae.to(memory_format=
+        torch.channels_last)``, the caller's choice) was faster there but is not bitwise
+        either (max |diff| ~3e-5 in [-1, 1], inside the 1e-3 parity tolerance).
+        ``bench/bench_sampling.py`` times both layouts (issue 13)."""
+        return self.decoder(self.post_quant_conv(fhat_BCvNN)).clamp_(-1, 1)
 
     @property
     def codebook(self) -> Tensor:

@@ -523,4 +523,39 @@ def test_bench_csv_rows_carry_status_and_ratio_vs_dense(tmp_path: Path) -> None:
     out = tmp_path / "na2d.csv"
     to_csv.write_csv(list(rows.values()), out)
     header = out.read_text().splitlines()[0].split(",")
-    assert header[:15] == list(to_csv.LEADING_COLUMNS)[:15]
+    leading = [c for c in to_csv.LEADING_COLUMNS if c in header]
+    assert header[: len(leading)] == leading
+    assert leading[:11] == ["backend", "workload", "B", "heads", "H", "W", "D", "k", "pass",
+                            "median_s", "ratio_vs_dense"]  # fmt: skip
+
+
+def test_bench_csv_ratio_vs_fp32_pairs_rows_that_differ_only_in_dtype() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_to_csv", REPO_ROOT / "bench" / "to_csv.py")
+    to_csv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(to_csv)
+
+    def bench(median: float, **p: object) -> dict:
+        # peak memory and the backend that ran are measurements: never part of the pairing key
+        return {"extra_info": {"model": "mvar-d16", "B": 4, "peak_mib": median * 7, **p},
+                "stats": {"median": median}}  # fmt: skip
+
+    data = {
+        "benchmarks": [
+            bench(2.0, phase="tokens", backend="numba", dtype="fp32", na_calls="numba:32"),
+            bench(1.0, phase="tokens", backend="numba", dtype="bf16", na_calls="numba:32"),
+            bench(4.0, phase="tokens", backend="dense", dtype="fp32"),
+            bench(3.0, phase="decode", dtype="bf16"),  # no fp32 decode row
+            bench(6.0, phase="decode_kv", dtype="fp32", kv_cache="alive", kv_cache_bytes=9),
+            bench(5.0, phase="decode_kv", dtype="fp32", kv_cache="freed", kv_cache_bytes=8),
+        ],
+    }
+    rows = to_csv.rows_from_benchmark_json(data)
+    r = {(x["phase"], x.get("backend"), x["dtype"], x.get("kv_cache")): x for x in rows}
+    assert r[("tokens", "numba", "bf16", None)]["ratio_vs_fp32"] == 2.0
+    assert r[("tokens", "numba", "fp32", None)]["ratio_vs_fp32"] == 1.0
+    assert r[("tokens", "numba", "fp32", None)]["ratio_vs_dense"] == 2.0
+    assert r[("decode", None, "bf16", None)]["ratio_vs_fp32"] == ""
+    assert r[("decode_kv", None, "fp32", "freed")]["ratio_vs_kv_alive"] == 1.2
+    assert "ratio_vs_dense" not in r[("decode", None, "bf16", None)]
