@@ -70,7 +70,7 @@ DEVICE = torch.device(
 # var-d16 last: test_decode_kv (last in the file) reuses it without a rebuild.
 PRESETS = ("var-tiny", "mvar-tiny", "mvar-d16", "var-d16")
 BATCHES = (1, 4)
-DTYPES = ("fp32", "bf16")
+DTYPES = precision.PRECISIONS  # fp16 cells: GPU only (recorded as skipped on a CPU)
 # Timed rounds per cell; SAMPLING_BENCH_ROUNDS=<n> sets every cell's (a quick check of the suite).
 _ROUNDS_ENV = os.environ.get("SAMPLING_BENCH_ROUNDS")
 ROUNDS = (
