@@ -75,9 +75,33 @@ def rows_from_benchmark_json(data: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append(row)
     for skipped in data.get("skipped", []):
         rows.append({**env, **skipped, "median_s": ""})
+    rows += end_to_end_rows(rows)
     for column, baseline, ratio in RATIOS:
         _add_ratio(rows, column, baseline, ratio)
     return rows
+
+
+def end_to_end_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Sampling suite: per token-generation row, the end-to-end time = its median + the median of
+    the decode row of the model's VQ-VAE (same B and dtype, default layout), both measured in
+    this run. Marked ``derived`` in ``status_note``; the ratios then apply to these rows too."""
+    decode = {
+        (m, r["B"], r["dtype"]): r["median_s"]
+        for r in rows
+        if r.get("phase") == "decode" and r.get("status") == "ok" and r.get("layout") == "contiguous"
+        for m in str(r.get("used_by", "")).split()
+    }
+    out = []
+    for r in rows:
+        if r.get("phase") != "tokens" or r.get("status") != "ok":
+            continue
+        dec = decode.get((r["model"], r["B"], r["dtype"]))
+        if dec is None:
+            continue
+        keep = {k: v for k, v in r.items() if k not in _NOT_KEY or k == "status"}
+        out.append({**keep, "phase": "end_to_end", "median_s": r["median_s"] + dec, "test": "",
+                    "status_note": "derived: tokens median + decode median, same run"})  # fmt: skip
+    return out
 
 
 def _add_ratio(rows: list[dict[str, Any]], column: str, baseline: str, ratio: str) -> None:

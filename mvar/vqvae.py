@@ -626,10 +626,11 @@ class VQVAE(nn.Module):
         image would lower the peak (about 1.06 → 0.58 GiB with the weights at 256 px, B = 4)
         but was no faster on the 2-core CPU (a loaded-machine measurement) and changes the
         last bits (oneDNN picks its conv algorithm by batch size). A ``torch.channels_last``
-        decoder (``vae.to(memory_format=torch.channels_last)``, the caller's choice) was ~1.13x
-        faster there but is not bitwise either (max |diff| ~3e-5 in [-1, 1], inside the 1e-3
-        parity tolerance).
-        ``bench/bench_sampling.py`` times both layouts (issue 13)."""
+        decoder (``vae.to(memory_format=torch.channels_last)``, the caller's choice) was ~1.1x
+        faster in fp32 and ~1.2x under bf16 autocast but is not bitwise either (max |diff| ~3e-5
+        in [-1, 1], inside the 1e-3 parity tolerance). Converting the module is all a caller
+        does: torch's convolutions follow the weights' layout (a channels-last input alone
+        gains nothing). ``bench/bench_sampling.py`` times both layouts (issue 13)."""
         return self.decoder(self.post_quant_conv(fhat_BCvNN)).clamp_(-1, 1)
 
     @property

@@ -559,3 +559,32 @@ def test_bench_csv_ratio_vs_fp32_pairs_rows_that_differ_only_in_dtype() -> None:
     assert r[("decode", None, "bf16", None)]["ratio_vs_fp32"] == ""
     assert r[("decode_kv", None, "fp32", "freed")]["ratio_vs_kv_alive"] == 1.2
     assert "ratio_vs_dense" not in r[("decode", None, "bf16", None)]
+
+
+def test_bench_csv_end_to_end_rows_sum_the_phases_of_one_run() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_to_csv", REPO_ROOT / "bench" / "to_csv.py")
+    to_csv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(to_csv)
+
+    def bench(median: float, **p: object) -> dict:
+        return {"extra_info": {"B": 4, **p}, "stats": {"median": median}}
+
+    vae = {"model": "vae-paper", "used_by": "var-d16 mvar-d16", "phase": "decode"}
+    data = {
+        "benchmarks": [
+            bench(10.0, model="var-d16", phase="tokens", backend="none", dtype="fp32"),
+            bench(4.0, model="var-d16", phase="tokens", backend="none", dtype="bf16"),
+            bench(6.0, dtype="fp32", layout="contiguous", **vae),
+            bench(5.0, dtype="fp32", layout="channels_last", **vae),  # not the default layout
+            bench(3.0, dtype="bf16", layout="contiguous", **vae),
+            bench(8.0, model="mvar-d16", phase="tokens", backend="numba", dtype="fp32", B=1),
+        ],
+    }
+    rows = to_csv.rows_from_benchmark_json(data)
+    e2e = {(r["model"], r["dtype"]): r for r in rows if r["phase"] == "end_to_end"}
+    assert set(e2e) == {("var-d16", "fp32"), ("var-d16", "bf16")}  # mvar-d16 B=1 has no decode row
+    assert e2e[("var-d16", "fp32")]["median_s"] == 16.0 and e2e[("var-d16", "bf16")]["median_s"] == 7.0
+    assert e2e[("var-d16", "bf16")]["ratio_vs_fp32"] == round(16 / 7, 4)
+    assert e2e[("var-d16", "fp32")]["status_note"].startswith("derived")

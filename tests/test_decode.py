@@ -105,3 +105,25 @@ def test_kv_cache_is_freed_before_decode(
     out = model.sample(vae_with_weights, torch.tensor([3, 5]), guidance=1.5, g_seed=0)
     assert out.kv_cache_bytes > 0  # there was a cache, and it was measured before it went
     assert alive_at_decode == [False]
+
+
+def test_channels_last_decoder_follows_its_weights_within_parity_tolerance(
+    vae_with_weights: VQVAE,
+) -> None:
+    # Opt-in layout (``vae.to(memory_format=torch.channels_last)``): the decoder runs in the
+    # weights' layout from f̂ on; the result is not bitwise but inside the parity tolerance.
+    import copy
+
+    torch.manual_seed(3)
+    N = vae_with_weights.cfg.patch_nums[-1]
+    fhat = torch.randn(2, vae_with_weights.cfg.Cvae, N, N)
+    cl = copy.deepcopy(vae_with_weights).to(memory_format=torch.channels_last)
+    seen: list[bool] = []
+    hook = cl.decoder.conv_in.register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    with torch.no_grad():
+        a, b = decode_fhat(vae_with_weights, fhat), decode_fhat(cl, fhat)
+    hook.remove()
+    assert seen == [True]
+    assert (a - b).abs().max().item() <= 1e-3  # tests/test_parity.py IMG_TOL
