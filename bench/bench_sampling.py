@@ -17,6 +17,9 @@ row's ``extra_info`` holds its parameters. Three workloads (``phase``):
   the default memory layout (``layout=contiguous``, bitwise the official decoder) and with
   the VQ-VAE in ``torch.channels_last`` (the convolutions follow the weights'
   layout; not bitwise: the row records ``max_abs_diff_vs_contiguous`` of the images in [0, 1]; ``ratio_vs_contiguous`` its speed).
+* ``decode`` with ``impl=out_of_place``: the decoder as it was before issue 13 (every op out of
+  place), fp32, default layout, next to the ``impl=in_place`` rows: ``ratio_vs_out_of_place``
+  is the speed-up, ``bitwise_equal_to_in_place`` that the output did not change.
 * ``decode_kv``: VAR-d16 at B = 4, fp32: the decode right after a ``sample(decode=False)``
   call, with the KV cache freed (``kv_cache=freed``, what ``sample(decode=True)`` does now) or
   still alive (``kv_cache=alive``, where the decode ran before issue 13; the cache is kept by
@@ -41,7 +44,7 @@ Budget: sized for about 10 minutes on a quiet 2-core CPU (an estimate from singl
 on a loaded machine it takes several times longer). So on the CPU the d16 cells of the naive
 ``reference`` backend (a gather of every window, the tests' oracle) are skipped, ``flex``
 (eager on the CPU, no fused kernel) and ``dense`` run at B = 1 only (MVAR-d16 at B = 4 runs
-``numba``, the CPU default), and ``decode_kv`` has 2 rounds; each skipped cell is recorded
+``numba``, the CPU default), and ``decode_kv`` has 3 rounds; each skipped cell is recorded
 with the reason. ``bench_na2d.py`` compares every backend at the kernel level.
 """
 
@@ -76,8 +79,8 @@ _ROUNDS_ENV = os.environ.get("SAMPLING_BENCH_ROUNDS")
 ROUNDS = (
     {"tiny": 5, "d16": 3} if not _ROUNDS_ENV else dict.fromkeys(("tiny", "d16"), int(_ROUNDS_ENV))
 )
-# decode_kv samples VAR-d16 at B = 4 (~16 s on the quiet 2-core CPU) before every round: 2 rounds.
-KV_ROUNDS = 2 if not _ROUNDS_ENV else int(_ROUNDS_ENV)
+# decode_kv samples VAR-d16 at B = 4 (~16 s on the quiet 2-core CPU) before every round: 3 rounds.
+KV_ROUNDS = 3 if not _ROUNDS_ENV else int(_ROUNDS_ENV)
 NO_NA = "none"  # the backend column of VAR rows: no neighbourhood attention
 KV_BATCH = 4
 LAYOUTS = ("contiguous", "channels_last")  # the decoder's memory format (decode cells)
@@ -262,7 +265,7 @@ def test_decode(
     benchmark, record_skip, vae_name: str, used_by: str, B: int, dtype: str, layout: str
 ) -> None:
     info = _info(benchmark, model=vae_name, used_by=used_by, phase="decode", B=B, dtype=dtype,
-                 layout=layout)  # fmt: skip
+                 layout=layout, impl="in_place")  # fmt: skip
     if (why := _dtype_unavailable(dtype, "decode")) is not None:
         record_skip(info, why)
     vae = _vae(vae_name) if layout == "contiguous" else _channels_last_vae(vae_name)
@@ -284,6 +287,36 @@ def test_decode(
     elif key in _contiguous_images:  # what the layout costs in accuracy (fp32 parity: 1e-3)
         err = (images[0].float() - _contiguous_images[key].float()).abs().max().item()
         benchmark.extra_info["max_abs_diff_vs_contiguous"] = err
+    images.clear()
+    benchmark.pedantic(run, rounds=_rounds(vae_name), warmup_rounds=0)
+
+
+@pytest.mark.parametrize("B", BATCHES)
+@pytest.mark.parametrize(("vae_name", "used_by"), _DECODE_CELLS, ids=[c[0] for c in _DECODE_CELLS])
+def test_decode_before(benchmark, vae_name: str, used_by: str, B: int) -> None:
+    """The decoder as it was before issue 13 (every op out of place; the formula of
+    tests/test_decode.py), fp32, default layout: ``ratio_vs_out_of_place`` of the ``in_place``
+    row is the speed-up, ``bitwise_equal_to_in_place`` checks the output did not change."""
+    from tests.test_decode import decode_out_of_place
+
+    _info(benchmark, model=vae_name, used_by=used_by, phase="decode", B=B, dtype="fp32",
+          layout="contiguous", impl="out_of_place")  # fmt: skip
+    vae = _vae(vae_name)
+    N = vae.cfg.patch_nums[-1]
+    torch.manual_seed(0)
+    fhat = torch.randn(B, vae.cfg.Cvae, N, N, device=DEVICE)  # the same f̂ as test_decode
+    images: list[Tensor] = []
+
+    def run() -> None:
+        with torch.no_grad():
+            img = decode_out_of_place(vae, fhat)
+        _sync()
+        images[:] = [img]
+
+    _record_peak(benchmark, run, vae, keep=[fhat])
+    after = _contiguous_images.get((vae_name, B, "fp32"))
+    if after is not None:
+        benchmark.extra_info["bitwise_equal_to_in_place"] = bool(torch.equal(images[0], after))
     images.clear()
     benchmark.pedantic(run, rounds=_rounds(vae_name), warmup_rounds=0)
 

@@ -38,17 +38,18 @@ RATIOS = (
     ("dtype", "fp32", "ratio_vs_fp32"),
     ("kv_cache", "alive", "ratio_vs_kv_alive"),
     ("layout", "contiguous", "ratio_vs_contiguous"),
+    ("impl", "out_of_place", "ratio_vs_out_of_place"),
 )
 LEADING_COLUMNS = (
     "backend", "workload", "B", "heads", "H", "W", "D", "k", "pass",
-    "model", "phase", "dtype", "layout", "kv_cache",
+    "model", "phase", "dtype", "layout", "impl", "kv_cache",
     "median_s", *(r[2] for r in RATIOS), "peak_mib", "status", "device", "torch", "git_sha",
 )  # fmt: skip
 # Measurements and bookkeeping: they differ between the rows of one comparison, so they are not
 # part of its key (the compared column itself is left out too).
 _NOT_KEY = {
     "median_s", "min_s", "rounds", "status", "test", "flops", "peak_mib", "peak_note", "na_calls",
-    "kv_cache_bytes", "max_abs_diff_vs_contiguous", *(r[2] for r in RATIOS),
+    "kv_cache_bytes", "max_abs_diff_vs_contiguous", "bitwise_equal_to_in_place", *(r[2] for r in RATIOS),
 }  # fmt: skip
 
 

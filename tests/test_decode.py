@@ -33,8 +33,9 @@ def _attn_out_of_place(a: AttnBlock, x: Tensor) -> Tensor:
     return x + a.proj_out(h.view(B, a.channels, H, W))
 
 
-def _decode_out_of_place(vae: VQVAE, fhat: Tensor) -> Tensor:
-    """The decoder written without any in-place op (the code before issue 13)."""
+def decode_out_of_place(vae: VQVAE, fhat: Tensor) -> Tensor:
+    """The decoder written without any in-place op (the code before issue 13), as
+    ``decode_fhat`` returns it (in [0, 1]). Also the "before" cell of bench/bench_sampling.py."""
     d: Decoder = vae.decoder
     h = d.conv_in(vae.post_quant_conv(fhat))
     h = _resnet_out_of_place(d.mid.block_2,
@@ -66,7 +67,7 @@ def test_in_place_decoder_is_bitwise_the_plain_formula(vae_with_weights: VQVAE) 
     fhat = torch.randn(2, vae_with_weights.cfg.Cvae, N, N)
     with torch.no_grad():
         got = decode_fhat(vae_with_weights, fhat)
-        want = _decode_out_of_place(vae_with_weights, fhat)
+        want = decode_out_of_place(vae_with_weights, fhat)
     assert torch.equal(got, want)
     assert 0.0 < float(got.std())  # not a constant image
 
