@@ -295,6 +295,8 @@ def write_report(r: StudyResult, out: Path) -> Path:
         f"{', '.join(k for k, a in r.artifacts.items() if a.reused) or 'none'}).",
         "Produced by `python -m repro.embedded` (`nox -s repro_table1`); every number below is "
         "measured or counted in that run (table1.csv, table2.csv, tokenizer.csv).",
+        f"Sampling precision: {s.dtype} ({describe(s.dtype)}; training, the tokenizer "
+        "and the sanity rows are fp32; docs/precision.md).",
         "",
         "## Reading",
         "",
