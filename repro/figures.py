@@ -6,9 +6,10 @@
   ``table2.csv`` and ``ablation.csv``;
 * ``figures/na2d_speed.png``: neighbourhood-attention backends relative to dense SDPA, from
   ``bench/na2d.csv`` (written by ``bench/bench_na2d.py`` + ``bench.to_csv``);
-* ``figures/samples_*_grid.png`` / ``*_progression.png``: a sample grid and the per-scale
-  progression of a model (by default random-init ``mvar-tiny``; pass ``--ckpt`` etc. for a
-  real one).
+* ``figures/<model>_..._grid.png`` / ``..._progression.png``: a sample grid and the per-scale
+  progression of a trained model, only when ``--ckpt`` (and ``--vae-ckpt``) are given: pictures
+  of random weights would say nothing (the embedded study draws its own trained models' samples
+  in ``reports/embedded/figures/``).
 
 A CSV that is missing is reported with the session that produces it; nothing is invented.
 """
@@ -114,7 +115,10 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
         made.append(plot_na2d_speed(bench, figs / "na2d_speed.png"))
     else:
         _missing(bench, "nox -s bench")
-    if not args.no_samples:
+    if args.ckpt is None and not args.no_samples:
+        logger.info("no --ckpt: no sample pictures (random weights would say nothing; trained "
+                    "samples: reports/embedded/figures/)")  # fmt: skip
+    elif not args.no_samples:
         from mvar import visualize
 
         argv_s = ["--model", args.model, "--classes", args.classes, "--out", str(figs)]
