@@ -345,8 +345,13 @@ def online_key(vae: torch.nn.Module, data: Dataset, *, recipe: str, image_size: 
                seed: int) -> dict[str, object]:  # fmt: skip
     """Everything the tokens of an online run depend on (what the checkpoint records and a
     resume checks): the VQ-VAE's weights, the data listing, the recipe and the code."""
+    return {"tokenize": "online", **_token_inputs(vae, data, recipe, image_size, seed)}
+
+
+def _token_inputs(vae: torch.nn.Module, data: Dataset, recipe: str, image_size: int,
+                  seed: int) -> dict[str, object]:  # fmt: skip
+    """What every token depends on, cached or online: weights, data, recipe, seed, code."""
     return {
-        "tokenize": "online",
         "format": TOKEN_CACHE_FORMAT,
         "vqvae_sha256": vqvae_sha256(vae),
         "data_sha256": dataset_fingerprint(data),
@@ -424,18 +429,9 @@ def token_cache_key(vae: torch.nn.Module, data: Dataset, *, recipe: str, image_s
                     flips: bool, seed: int, chunk: int, crops: int = 1) -> dict[str, object]:  # fmt: skip
     """Everything a cached token depends on; the cache folder is named by its sha256."""
     # "crops" only when > 1: one-crop caches written before the option keep their key.
-    return ({"crops": crops} if crops > 1 else {}) | {
-        "format": TOKEN_CACHE_FORMAT,
-        "vqvae_sha256": vqvae_sha256(vae),
-        "data_sha256": dataset_fingerprint(data),
-        "num_images": len(data),  # type: ignore[arg-type]
-        "recipe": recipe,
-        "image_size": image_size,
-        "flips": flips,
-        "seed": seed,
-        "chunk": chunk,
-        "code_sha256": _code_version(),
-    }
+    return ({"crops": crops} if crops > 1 else {}) | _token_inputs(
+        vae, data, recipe, image_size, seed
+    ) | {"flips": flips, "chunk": chunk}
 
 
 def _key_dir(root: Path, key: dict[str, object]) -> Path:
