@@ -89,16 +89,12 @@ LAYOUTS = ("contiguous", "channels_last")  # the decoder's memory format (decode
 # Precision: ``mvar.precision`` (the sampler's own option; fp16 is GPU-only).
 
 
-def _dtype_unavailable(dtype: str, phase: str) -> str | None:
+def _dtype_unavailable(dtype: str) -> str | None:
     try:
         precision.check_precision(dtype, DEVICE)
     except ValueError as e:
         return str(e)
     return None
-
-
-def _sample_dtype_kw(dtype: str) -> dict[str, Any]:
-    return {"dtype": dtype}
 
 
 def _decode_context(dtype: str) -> contextlib.AbstractContextManager:
@@ -224,13 +220,13 @@ def test_tokens(benchmark, record_skip, preset: str, backend: str, B: int, dtype
                  guidance=kw["guidance"], top_k=kw["top_k"], top_p=kw["top_p"])  # fmt: skip
     if backend != NO_NA and (why := backend_unavailable_reason(backend, DEVICE)) is not None:
         record_skip(info, why)
-    if (why := _budget_skip(preset, backend, B) or _dtype_unavailable(dtype, "tokens")) is not None:
+    if (why := _budget_skip(preset, backend, B) or _dtype_unavailable(dtype)) is not None:
         record_skip(info, why)
     model, vae = _model(preset), _vae(_vae_name(preset))
     if backend != NO_NA:
         model.neighbourhood_attention.backend = backend
     labels = _labels(preset, B)
-    kw.update(_sample_dtype_kw(dtype))
+    kw["dtype"] = dtype
 
     def run() -> None:
         model.sample(vae, labels, decode=False, **kw)
@@ -266,7 +262,7 @@ def test_decode(
 ) -> None:
     info = _info(benchmark, model=vae_name, used_by=used_by, phase="decode", B=B, dtype=dtype,
                  layout=layout, impl="in_place")  # fmt: skip
-    if (why := _dtype_unavailable(dtype, "decode")) is not None:
+    if (why := _dtype_unavailable(dtype)) is not None:
         record_skip(info, why)
     vae = _vae(vae_name) if layout == "contiguous" else _channels_last_vae(vae_name)
     N = vae.cfg.patch_nums[-1]

@@ -160,7 +160,6 @@ def sample_scales(
     top_p: float,
     g_seed: int | None,
     more_smooth: bool,
-    decode: bool,
     record_logits: bool,
 ) -> SampleOutput:
     """The next-scale loop. ``model`` is a ``ScaleARTransformer``; ``vae`` a ``VQVAE``."""
@@ -207,11 +206,10 @@ def sample_scales(
             if guided:
                 x_BlC = x_BlC.repeat(2, 1, 1)
 
-    img01 = decode_fhat(vae, fhat) if decode else None
     return SampleOutput(
         idx_Bl=idx_per_scale,
         fhat=fhat,
-        img01=img01,
+        img01=None,  # ScaleARTransformer.sample decodes after freeing the step's state
         guided=guided,
         guided_logits=logits_per_scale if record_logits else None,
     )

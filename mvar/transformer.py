@@ -199,7 +199,7 @@ class ScaleARTransformer(nn.Module):
                 self, vae, label_B, step,
                 guided=self.GUIDANCE_ONE_RUNS_UNCONDITIONAL or guidance != 1.0,
                 guidance=guidance, top_k=top_k, top_p=top_p, g_seed=g_seed,
-                more_smooth=more_smooth, decode=False, record_logits=record_logits,
+                more_smooth=more_smooth, record_logits=record_logits,
             )  # fmt: skip
         out.kv_cache_bytes = kv_cache_bytes()
         # Free the KV cache (held by ``step``'s closures) before the decoder allocates its

@@ -28,6 +28,7 @@ import math
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -51,6 +52,7 @@ from mvar.profiling import (
     tensor_bytes,
     time_call,
 )
+from mvar.sampling import SampleOutput
 from mvar.schedule import TrainSchedule, scales_label
 from mvar.step import (
     DEFAULT_GRAD_CLIP,
@@ -92,14 +94,9 @@ def count_sampling(
     """Run the real sampler (no decode) under ``FakeTensorMode`` (paper sizes in about a
     second) with :class:`AttentionCounter` hooks and read the KV cache bytes off its tensors.
     Guidance runs 2B rows; each call's count is divided by its rows."""
-    cfg = _config(cfg)
-    m = models or build_fake(cfg)
-    with m.fake_mode:
-        labels = labels_for(batch)
-        with AttentionCounter(m.model) as counter:
-            out = m.model.sample(
-                m.vae, labels, guidance=guidance, top_k=top_k, top_p=top_p, g_seed=0, decode=False
-            )
+    m = models or build_fake(_config(cfg))
+    counter = AttentionCounter(m.model)
+    out = _fake_sample(m, counter, batch, guidance, top_k, top_p, decode=False)
     return SamplingCount(
         counter.result(), int(out.kv_cache_bytes), batch, guidance,
         2 * batch if out.guided else batch,
@@ -120,15 +117,19 @@ def count_model_macs(
     multiply-accumulates of every matmul and convolution it dispatches (both halves of a guided
     batch), by transformer / VQ-VAE, per ``batch`` images; the VQ-VAE decode only if
     ``decode`` (docs/counting.md §4)."""
-    cfg = _config(cfg)
-    m = models or build_fake(cfg)
-    with m.fake_mode:
-        labels = labels_for(batch)
-        with ModelFlopCounter(m.model, m.vae, images=batch) as counter:
-            m.model.sample(
-                m.vae, labels, guidance=guidance, top_k=top_k, top_p=top_p, g_seed=0, decode=decode
-            )
+    m = models or build_fake(_config(cfg))
+    counter = ModelFlopCounter(m.model, m.vae, images=batch)
+    _fake_sample(m, counter, batch, guidance, top_k, top_p, decode=decode)
     return counter.result()
+
+
+def _fake_sample(m: FakeModels, counter: Any, batch: int, guidance: float, top_k: int,
+                 top_p: float, *, decode: bool) -> SampleOutput:  # fmt: skip
+    """One real sampling call on the fake models with ``counter`` (a context manager) active
+    inside the fake mode, as the counters above need."""
+    with m.fake_mode, counter:
+        return m.model.sample(m.vae, labels_for(batch), guidance=guidance, top_k=top_k,
+                              top_p=top_p, g_seed=0, decode=decode)  # fmt: skip
 
 
 @dataclass(frozen=True)

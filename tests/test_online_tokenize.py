@@ -16,18 +16,13 @@ from mvar.checkpoint import load_transformer
 from mvar.config import TINY_VAE
 from mvar.data import AugmentedImages, draw_batch, imagenet_folder, online_loader
 from mvar.train import TrainConfig, TrainError, main, tokenize_mode, train
+from tests.test_token_cache import _write_folder as write_folder
 
 SIZE = TINY_VAE.image_size  # 32 px; recipe var resizes the short side to 36 and crops 32
 
 
 def _write_folder(root: Path, n_per_class: int = 2) -> Path:
-    g = torch.Generator().manual_seed(0)
-    for c in ("n01", "n02"):
-        (root / c).mkdir(parents=True)
-        for i in range(n_per_class):
-            arr = (torch.rand(40, 44, 3, generator=g) * 255).to(torch.uint8).numpy()
-            Image.fromarray(arr).save(root / c / f"img{i}.png")
-    return root
+    return write_folder(root, n_per_class, hw=(40, 44))
 
 
 @pytest.fixture()

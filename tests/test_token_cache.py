@@ -23,12 +23,13 @@ from mvar.data import (
 SIZE = TINY_VAE.image_size  # 256 px
 
 
-def _write_folder(root: Path, n_per_class: int = 2) -> Path:
+def _write_folder(root: Path, n_per_class: int = 2, hw: tuple[int, int] = (300, 280)) -> Path:
+    """Two classes of random-pixel PNGs (an ImageNet-layout folder), ``hw`` pixels each."""
     g = torch.Generator().manual_seed(0)
     for c in ("n01", "n02"):
         (root / c).mkdir(parents=True)
         for i in range(n_per_class):
-            arr = (torch.rand(300, 280, 3, generator=g) * 255).to(torch.uint8).numpy()
+            arr = (torch.rand(*hw, 3, generator=g) * 255).to(torch.uint8).numpy()
             Image.fromarray(arr).save(root / c / f"img{i}.png")
     return root
 
